@@ -1,0 +1,1 @@
+"""Record schema, Grain input pipeline, on-device augmentation and iBOT masking."""

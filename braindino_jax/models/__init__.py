@@ -1,0 +1,1 @@
+"""ViT backbone, DINO/iBOT heads and weight conversion."""

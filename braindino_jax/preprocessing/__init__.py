@@ -1,0 +1,1 @@
+"""Volume → axial slices: orientation, resampling, masks, intensity, slice selection (pure numpy)."""

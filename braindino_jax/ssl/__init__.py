@@ -1,0 +1,1 @@
+"""Self-supervised objectives: DINO, iBOT, KoLeo, Gram anchoring, collapse diagnostics."""

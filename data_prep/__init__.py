@@ -1,0 +1,1 @@
+"""Offline data-preparation jobs (local process pool, Apache Beam)."""
