@@ -47,6 +47,8 @@ setup(
     entry_points={
         "console_scripts": [
             "braindino-prep=braindino_jax.cli.prep:main",
+            "braindino-convert=braindino_jax.cli.convert:main",
+            "braindino-preview=braindino_jax.cli.preview:main",
         ],
     },
 )
