@@ -1,0 +1,168 @@
+"""ArrayRecord shard files: naming, balanced slice-to-shard assignment and atomic writes.
+
+Shards use `group_size:1` so that Grain can read any record without decoding its neighbours,
+and zstd to keep them small. A volume's slices are dealt round-robin over the shards (record
+`j` of a volume whose records start at global offset `o` goes to shard `(o + j) % n`), so each
+shard holds a near-equal number of records and no shard is dominated by one subject. Files
+appear under their final names only once complete (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+
+WRITER_OPTIONS = "group_size:1,zstd:3"
+SHARD_SUFFIX = ".array_record"
+
+
+class ShardError(RuntimeError):
+    """A shard set that is incomplete, inconsistent or unreadable."""
+
+
+def shard_path(out_dir: str | os.PathLike, prefix: str, index: int, n_shards: int) -> Path:
+    """`<out_dir>/<prefix>-NNNNN-of-MMMMM.array_record`."""
+    return Path(out_dir) / f"{prefix}-{index:05d}-of-{n_shards:05d}{SHARD_SUFFIX}"
+
+
+def count_shards(
+    total_records: int,
+    total_bytes: int,
+    target_records: int | None = None,
+    target_bytes: int | None = None,
+) -> int:
+    """Number of shards so that none exceeds the target (records, or encoded record bytes)."""
+    if (target_records is None) == (target_bytes is None):
+        raise ValueError("give exactly one of target_records and target_bytes")
+    if target_records is not None:
+        if target_records < 1:
+            raise ValueError(f"target_records must be >= 1, got {target_records}")
+        n = math.ceil(total_records / target_records)
+    else:
+        if target_bytes < 1:
+            raise ValueError(f"target_bytes must be >= 1, got {target_bytes}")
+        n = math.ceil(total_bytes / target_bytes)
+    return max(1, min(n, max(total_records, 1)))
+
+
+def record_offsets(counts: Sequence[int]) -> list[int]:
+    """Global offset of each volume's first record, volumes taken in the given order."""
+    offsets, total = [], 0
+    for count in counts:
+        offsets.append(total)
+        total += count
+    return offsets
+
+
+def shard_of(offset: int, index_in_volume: int, n_shards: int) -> int:
+    """Shard that receives record `index_in_volume` of a volume starting at global `offset`."""
+    return (offset + index_in_volume) % n_shards
+
+
+def _temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def write_array_record(path: str | os.PathLike, records: Iterable[bytes]) -> int:
+    """Write one ArrayRecord file atomically; returns the number of records written."""
+    path = Path(path)
+    tmp = _temp_path(path)
+    writer = ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
+    count = 0
+    try:
+        for record in records:
+            writer.write(record)
+            count += 1
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    writer.close()
+    os.replace(tmp, path)
+    return count
+
+
+def read_array_record(path: str | os.PathLike) -> list[bytes]:
+    """All records of one ArrayRecord file, in order."""
+    path = Path(path)
+    if not path.is_file():
+        raise ShardError(f"{path}: no such ArrayRecord file")
+    reader = ArrayRecordReader(str(path))
+    try:
+        return list(reader.read_all())
+    finally:
+        reader.close()
+
+
+class ShardSetWriter:
+    """Writes `n_shards` shards side by side, then publishes them all at once.
+
+    Records are streamed into temp files; `commit()` renames them to their final names and
+    deletes shards with the same prefix left by an earlier run with a different shard count.
+    Leaving the context without `commit()` (an exception, Ctrl-C) removes the temp files.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, prefix: str, n_shards: int):
+        if n_shards < 1:
+            raise ValueError(f"n_shards must be >= 1, got {n_shards}")
+        self.out_dir = Path(out_dir)
+        self.prefix = prefix
+        self.paths = [shard_path(out_dir, prefix, i, n_shards) for i in range(n_shards)]
+        self.counts = [0] * n_shards
+        self._temps = [_temp_path(p) for p in self.paths]
+        self._writers: list[ArrayRecordWriter] | None = None
+
+    def __enter__(self) -> "ShardSetWriter":
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._writers = [ArrayRecordWriter(str(t), WRITER_OPTIONS) for t in self._temps]
+        return self
+
+    def write(self, shard: int, record: bytes) -> None:
+        self._writers[shard].write(record)
+        self.counts[shard] += 1
+
+    def commit(self) -> list[Path]:
+        for writer in self._writers:
+            writer.close()
+        self._writers = None
+        for tmp, path in zip(self._temps, self.paths):
+            os.replace(tmp, path)
+        keep = set(self.paths)
+        for stale in find_shard_files(self.out_dir, self.prefix):
+            if stale not in keep:
+                stale.unlink()
+        return self.paths
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._writers is not None:
+            for writer in self._writers:
+                writer.close()
+            for tmp in self._temps:
+                tmp.unlink(missing_ok=True)
+            self._writers = None
+
+
+def find_shard_files(out_dir: str | os.PathLike, prefix: str) -> list[Path]:
+    """Every file named like a shard of `prefix` in `out_dir`, sorted, complete set or not."""
+    pattern = re.compile(rf"{re.escape(prefix)}-\d{{5}}-of-\d{{5}}{re.escape(SHARD_SUFFIX)}")
+    return sorted(p for p in Path(out_dir).iterdir() if pattern.fullmatch(p.name))
+
+
+def list_shards(out_dir: str | os.PathLike, prefix: str) -> list[Path]:
+    """The complete shard set of `prefix`; raises ShardError if it is missing or partial."""
+    found = find_shard_files(out_dir, prefix)
+    if not found:
+        raise ShardError(f"{out_dir}: no shards named {prefix}-NNNNN-of-MMMMM{SHARD_SUFFIX}")
+    n_shards = int(found[0].name[-len(SHARD_SUFFIX) - 5 : -len(SHARD_SUFFIX)])
+    expected = [shard_path(out_dir, prefix, i, n_shards) for i in range(n_shards)]
+    if found != expected:
+        raise ShardError(
+            f"{out_dir}: shard set {prefix} is inconsistent: expected {n_shards} shards "
+            f"{expected[0].name}..{expected[-1].name}, found {[p.name for p in found]}"
+        )
+    return expected
