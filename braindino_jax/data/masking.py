@@ -1,0 +1,155 @@
+"""Block-wise patch masks for the iBOT objective (BEiT / iBOT / DINOv2 style).
+
+A mask is built from random rectangles of patches, each with an aspect ratio in
+[0.3, 1/0.3] and an area of at least 4 patches, added until the image reaches its target
+count of masked patches (never more). Only a fraction of the samples in a batch are masked;
+their target ratios are spread over ``mask_ratio_range`` by stratification: sample ``i`` of the
+``n`` masked samples draws its ratio uniformly from the ``i``-th of ``n`` equal sub-intervals,
+so every batch covers the whole range. The masks are then shuffled across the batch.
+
+Because each sample's count is bounded by its sub-interval's upper end, the total number of
+masked patches in a batch has a static upper bound (:func:`max_masked_tokens`), which lets the
+iBOT loss gather masked tokens into a fixed-size buffer under ``jit``.
+
+Everything runs in numpy on the host and is deterministic given the ``np.random.Generator``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+MIN_BLOCK_PATCHES = 4
+ASPECT_RATIO_RANGE = (0.3, 1 / 0.3)
+# A single rectangle covers at most this fraction of the grid (DINOv2 uses half the patches).
+MAX_BLOCK_FRACTION = 0.5
+# Placement attempts per rectangle before giving up on reaching the target count.
+_MAX_ATTEMPTS = 10
+
+
+def _validate(batch_size: int, grid: tuple[int, int], mask_sample_probability: float,
+              mask_ratio_range: tuple[float, float]) -> None:
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size: must be a positive integer, got {batch_size!r}")
+    if len(grid) != 2 or any(int(g) != g or g < 1 for g in grid):
+        raise ValueError(f"grid: must be two positive integers (grid_h, grid_w), got {grid!r}")
+    if not 0.0 <= mask_sample_probability <= 1.0:
+        raise ValueError(
+            f"mask_sample_probability: must lie in [0, 1], got {mask_sample_probability!r}")
+    if len(mask_ratio_range) != 2:
+        raise ValueError(f"mask_ratio_range: must be (low, high), got {mask_ratio_range!r}")
+    low, high = mask_ratio_range
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(
+            f"mask_ratio_range: need 0 <= low <= high <= 1, got {mask_ratio_range!r}")
+
+
+def _ratio_edges(batch_size: int, mask_sample_probability: float,
+                 mask_ratio_range: tuple[float, float]) -> np.ndarray:
+    """Edges of the stratified ratio sub-intervals, one interval per masked sample."""
+    n_masked = int(batch_size * mask_sample_probability)
+    return np.linspace(mask_ratio_range[0], mask_ratio_range[1], n_masked + 1)
+
+
+def add_random_block(rng: np.random.Generator, mask: np.ndarray, max_new: int) -> int:
+    """Mask one random rectangle in ``mask`` (in place) that adds 1..``max_new`` new patches.
+
+    The target area is uniform between ``MIN_BLOCK_PATCHES`` and ``max_new``, the log aspect
+    ratio uniform over ``ASPECT_RATIO_RANGE``; height and width are the rounded square roots
+    of area·aspect and area/aspect. Rectangles that do not fit strictly inside the grid or that
+    would add too many patches are redrawn, up to ``_MAX_ATTEMPTS`` times. Returns the number of
+    newly masked patches (0 if no attempt fit).
+    """
+    grid_h, grid_w = mask.shape
+    log_aspect = (math.log(ASPECT_RATIO_RANGE[0]), math.log(ASPECT_RATIO_RANGE[1]))
+    area_range = sorted((MIN_BLOCK_PATCHES, max_new))
+    for _ in range(_MAX_ATTEMPTS):
+        area = rng.uniform(*area_range)
+        aspect = math.exp(rng.uniform(*log_aspect))
+        h = int(round(math.sqrt(area * aspect)))
+        w = int(round(math.sqrt(area / aspect)))
+        if not (0 < h < grid_h and 0 < w < grid_w):  # strict, as in the reference generators
+            continue
+        top = int(rng.integers(0, grid_h - h + 1))
+        left = int(rng.integers(0, grid_w - w + 1))
+        window = mask[top:top + h, left:left + w]
+        new = h * w - int(window.sum())
+        if 0 < new <= max_new:
+            window[...] = True
+            return new
+    return 0
+
+
+def sample_block_mask(rng: np.random.Generator, grid: tuple[int, int], n_target: int) -> np.ndarray:
+    """One bool mask [grid_h, grid_w] with at most ``n_target`` patches masked by rectangles.
+
+    The count falls short of the target only when no further rectangle fits the remainder
+    (e.g. fewer than 4 patches left to mask), as in the reference generators.
+    """
+    grid_h, grid_w = grid
+    mask = np.zeros((grid_h, grid_w), dtype=bool)
+    max_block = int(MAX_BLOCK_FRACTION * grid_h * grid_w)
+    count = 0
+    while count < n_target:
+        added = add_random_block(rng, mask, min(n_target - count, max_block))
+        if added == 0:
+            break
+        count += added
+    return mask
+
+
+def sample_masks(rng: np.random.Generator, batch_size: int, grid: tuple[int, int],
+                 mask_sample_probability: float = 0.5,
+                 mask_ratio_range: tuple[float, float] = (0.1, 0.5)) -> np.ndarray:
+    """Masks for one batch of global crops: bool [batch_size, grid_h * grid_w], row-major.
+
+    ``int(batch_size * mask_sample_probability)`` samples are masked, with target counts
+    ``int(N * u)``, ``u ~ U(edges[i], edges[i+1])`` over the stratified ratio range; the other
+    samples are all False. Row order is shuffled so masked samples land anywhere in the batch.
+    """
+    _validate(batch_size, grid, mask_sample_probability, mask_ratio_range)
+    grid = (int(grid[0]), int(grid[1]))
+    n_patches = grid[0] * grid[1]
+    edges = _ratio_edges(batch_size, mask_sample_probability, mask_ratio_range)
+    masks = np.zeros((batch_size, n_patches), dtype=bool)
+    for i in range(len(edges) - 1):
+        n_target = int(n_patches * rng.uniform(edges[i], edges[i + 1]))
+        masks[i] = sample_block_mask(rng, grid, n_target).reshape(-1)
+    return masks[rng.permutation(batch_size)]
+
+
+def max_masked_tokens(batch_size: int, grid: tuple[int, int], mask_sample_probability: float = 0.5,
+                      mask_ratio_range: tuple[float, float] = (0.1, 0.5)) -> int:
+    """Static upper bound on ``sample_masks(...).sum()`` for these settings (at least 1).
+
+    Sized from the upper end of every masked sample's ratio sub-interval; used as the length
+    of the fixed-size masked-token buffer in the iBOT loss.
+    """
+    _validate(batch_size, grid, mask_sample_probability, mask_ratio_range)
+    n_patches = int(grid[0]) * int(grid[1])
+    edges = _ratio_edges(batch_size, mask_sample_probability, mask_ratio_range)
+    return max(1, sum(int(n_patches * e) for e in edges[1:]))
+
+
+def masked_token_indices(masks: np.ndarray, max_masked: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flat indices and loss weights of the masked tokens, padded to ``max_masked``.
+
+    ``masks`` is bool [B, N]. Returns ``indices`` int32 [max_masked] into the flattened
+    [B * N] token axis (padding slots point at token 0) and ``weights`` float32 [max_masked]
+    equal to ``1 / n_masked(image)`` for real slots and 0 for padding. Host-side twin of
+    :func:`braindino_jax.ssl.ibot.masked_token_indices`.
+    """
+    masks = np.asarray(masks)
+    if masks.ndim != 2 or masks.dtype != np.bool_:
+        raise ValueError(f"masks: expected bool [B, N], got {masks.dtype} {masks.shape}")
+    flat = np.flatnonzero(masks)
+    if flat.size > max_masked:
+        raise ValueError(
+            f"max_masked: {flat.size} masked tokens exceed the buffer of {max_masked}")
+    per_image = masks.sum(axis=1)
+    indices = np.zeros(max_masked, dtype=np.int32)
+    weights = np.zeros(max_masked, dtype=np.float32)
+    indices[:flat.size] = flat
+    weights[:flat.size] = 1.0 / per_image[flat // masks.shape[1]]
+    return indices, weights
