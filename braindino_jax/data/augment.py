@@ -1,0 +1,328 @@
+"""Multi-crop augmentation on the accelerator, from uint8 slices and per-sample PRNG keys.
+
+The host only ships fixed-size uint8 slices with their foreground statistics; everything
+random happens here, inside `jit`, so a host with few cores per chip never starves the step.
+
+Per sample, in this order (all in float32):
+  1. random-resized crops (torchvision semantics, continuous boxes) of the slice and of its
+     foreground mask, resampled with `jax.image.scale_and_translate`;
+  2. a left-right flip;
+  3. a smooth multiplicative bias field, shared by all crops of a sample (it is a property of
+     the scan) and evaluated at each crop's slice coordinates;
+  4. brightness/contrast, then gamma, on intensities scaled to [0, 1];
+  5. Gaussian blur with DINO's asymmetric probabilities, then Gaussian noise;
+  6. the BrainDINO foreground z-score from the record's stored `fg_mean`/`fg_std`
+     (uint8 units): `z = (255 r - fg_mean) / fg_std` on the foreground.
+
+Background (the crop's resampled foreground mask < 0.5) is set to `background`, 0.0 by
+default: storage keeps background at 0 (skull-stripped), and nnU-Net-style masked z-scoring
+leaves it at 0, so the network sees the same "empty = 0" convention at train and probe time.
+Intensity augmentations therefore never leak into the background.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_METHODS = ("bilinear", "bicubic")
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """Multi-crop and intensity settings; defaults follow DINOv3/BrainDINO (see DESIGN.md)."""
+
+    global_size: int = 224
+    local_size: int = 96
+    n_local: int = 8
+    global_scale: tuple[float, float] = (0.32, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.32)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    interpolation: str = "bilinear"
+    flip_prob: float = 0.5
+    bias_field_prob: float = 0.3
+    bias_field_coefficient: float = 0.3   # polynomial coefficients ~ U[-c, c] of log-field
+    bias_field_order: int = 3
+    brightness_contrast_prob: float = 0.8
+    brightness: float = 0.1               # additive shift ~ U[-b, b], intensities in [0, 1]
+    contrast: float = 0.25                # factor ~ U[1 - c, 1 + c] around the foreground mean
+    gamma_prob: float = 0.3
+    gamma_range: tuple[float, float] = (0.7, 1.5)   # log-uniform
+    blur_probs: tuple[float, float, float] = (1.0, 0.1, 0.5)  # global 1, global 2, each local
+    blur_sigma: tuple[float, float] = (0.1, 2.0)    # pixels of the output crop, as DINO
+    noise_prob: float = 0.2
+    noise_std: tuple[float, float] = (0.0, 0.05)    # intensities in [0, 1]
+    background: float = 0.0
+    channels: int = 3
+    dtype: str = "float32"
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+
+        def fail(field: str, reason: str) -> None:
+            raise ValueError(f"AugmentConfig.{field}: {reason}")
+
+        for field in ("global_size", "local_size"):
+            if getattr(self, field) < 1:
+                fail(field, f"must be >= 1, got {getattr(self, field)}")
+        if self.n_local < 0:
+            fail("n_local", f"must be >= 0, got {self.n_local}")
+        for field in ("global_scale", "local_scale"):
+            lo, hi = getattr(self, field)
+            if not 0 < lo <= hi <= 1:
+                fail(field, f"need 0 < lo <= hi <= 1, got {(lo, hi)}")
+        for field in ("ratio", "gamma_range"):
+            lo, hi = getattr(self, field)
+            if not 0 < lo <= hi:
+                fail(field, f"need 0 < lo <= hi, got {(lo, hi)}")
+        for field in ("blur_sigma", "noise_std"):
+            lo, hi = getattr(self, field)
+            if not 0 <= lo <= hi:
+                fail(field, f"need 0 <= lo <= hi, got {(lo, hi)}")
+        if self.blur_sigma[0] <= 0:
+            fail("blur_sigma", f"lower bound must be > 0, got {self.blur_sigma}")
+        probs = {
+            "flip_prob": self.flip_prob,
+            "bias_field_prob": self.bias_field_prob,
+            "brightness_contrast_prob": self.brightness_contrast_prob,
+            "gamma_prob": self.gamma_prob,
+            "noise_prob": self.noise_prob,
+        }
+        probs.update({f"blur_probs[{i}]": p for i, p in enumerate(self.blur_probs)})
+        for field, p in probs.items():
+            if not 0 <= p <= 1:
+                fail(field, f"probability must be in [0, 1], got {p}")
+        if len(self.blur_probs) != 3:
+            fail("blur_probs", f"need 3 values (global 1, global 2, locals), got {self.blur_probs}")
+        if self.interpolation not in _METHODS:
+            fail("interpolation", f"must be one of {_METHODS}, got {self.interpolation!r}")
+        if self.channels not in (1, 3):
+            fail("channels", f"must be 1 or 3, got {self.channels}")
+        if self.dtype not in _DTYPES:
+            fail("dtype", f"must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.bias_field_order < 0:
+            fail("bias_field_order", f"must be >= 0, got {self.bias_field_order}")
+        if not 0 <= self.brightness or not 0 <= self.contrast < 1:
+            fail("contrast", "need brightness >= 0 and 0 <= contrast < 1")
+
+
+_CROP_TRIES = 10
+_N_BOX_UNIFORMS = 2 * _CROP_TRIES + 2
+
+
+def _crop_box_from_uniforms(
+    u: jax.Array, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float]
+) -> jax.Array:
+    """Box from `2 * _CROP_TRIES + 2` uniforms in [0, 1) (see `sample_crop_box`)."""
+    area = float(height * width)
+    s = scale[0] + (scale[1] - scale[0]) * u[:_CROP_TRIES]
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    r = jnp.exp(log_lo + (log_hi - log_lo) * u[_CROP_TRIES:2 * _CROP_TRIES])
+    w = jnp.sqrt(s * area * r)
+    h = jnp.sqrt(s * area / r)
+    fits = (w <= width) & (h <= height)
+    first = jnp.argmax(fits)
+
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        fallback_w, fallback_h = float(width), width / ratio[0]
+    elif in_ratio > ratio[1]:
+        fallback_w, fallback_h = height * ratio[1], float(height)
+    else:
+        fallback_w, fallback_h = float(width), float(height)
+    any_fits = jnp.any(fits)
+    box_h = jnp.where(any_fits, h[first], fallback_h)
+    box_w = jnp.where(any_fits, w[first], fallback_w)
+    top = u[2 * _CROP_TRIES] * (height - box_h)
+    left = u[2 * _CROP_TRIES + 1] * (width - box_w)
+    return jnp.stack([top, left, box_h, box_w]).astype(jnp.float32)
+
+
+def sample_crop_box(
+    key: jax.Array,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+) -> jax.Array:
+    """Random-resized-crop box `[top, left, h, w]` (float32 pixels), torchvision semantics.
+
+    Area fraction ~ U(scale), aspect ratio w/h log-uniform in `ratio`; the first of ten
+    candidates that fits is used, else a centred crop with the ratio clamped. Boxes are
+    continuous (not rounded): the resampler handles sub-pixel boxes, and the area law holds
+    exactly instead of up to rounding.
+    """
+    u = jax.random.uniform(key, (_N_BOX_UNIFORMS,))
+    return _crop_box_from_uniforms(u, height, width, scale, ratio)
+
+
+def crop_resize(image: jax.Array, box: jax.Array, size: int, method: str) -> jax.Array:
+    """Resample the box `[top, left, h, w]` of `image` [H, W, C] to [size, size, C]."""
+    top, left, box_h, box_w = box[0], box[1], box[2], box[3]
+    scale = jnp.stack([size / box_h, size / box_w])
+    translation = -jnp.stack([top, left]) * scale
+    return jax.image.scale_and_translate(
+        image,
+        (size, size, image.shape[-1]),
+        spatial_dims=(0, 1),
+        scale=scale,
+        translation=translation,
+        method="linear" if method == "bilinear" else "cubic",
+        antialias=True,
+    )
+
+
+def _monomials(order: int) -> list[tuple[int, int]]:
+    return [(i, j) for i in range(order + 1) for j in range(order + 1 - i)]
+
+
+def _bias_field(coeffs: jax.Array, box: jax.Array, size: int, height: int, width: int,
+                order: int) -> jax.Array:
+    """exp(polynomial) evaluated at the crop's pixel centres in slice coordinates [-1, 1]."""
+    top, left, box_h, box_w = box[0], box[1], box[2], box[3]
+    centres = (jnp.arange(size, dtype=jnp.float32) + 0.5) / size
+    ys = (top + centres * box_h) / height * 2 - 1
+    xs = (left + centres * box_w) / width * 2 - 1
+    log_field = jnp.zeros((size, size), jnp.float32)
+    for c, (i, j) in zip(coeffs, _monomials(order)):
+        log_field = log_field + c * (ys[:, None] ** i) * (xs[None, :] ** j)
+    return jnp.exp(log_field)
+
+
+def _blur_matrix(size: int, sigma: jax.Array, radius: int) -> jax.Array:
+    """[size, size] matrix applying a 1-D Gaussian with reflect padding (a matmul, not taps)."""
+    taps = np.arange(-radius, radius + 1)
+    source = np.arange(size)[:, None] + taps[None, :]
+    source = np.abs(source)
+    source = np.where(source >= size, 2 * (size - 1) - source, source)
+    one_hot = np.eye(size, dtype=np.float32)[source]  # [size, taps, size]
+    kernel = jnp.exp(-0.5 * (jnp.asarray(taps, jnp.float32) / sigma) ** 2)
+    kernel = kernel / jnp.sum(kernel)
+    return jnp.einsum("itj,t->ij", one_hot, kernel)
+
+
+def _gaussian_blur(image: jax.Array, sigma: jax.Array, radius: int) -> jax.Array:
+    """Separable Gaussian blur of a square [S, S] image with reflect padding."""
+    matrix = _blur_matrix(image.shape[0], sigma, radius)
+    return matrix @ image @ matrix.T
+
+
+def _augment_crop(
+    key: jax.Array,
+    stacked: jax.Array,
+    fg_mean: jax.Array,
+    fg_std: jax.Array,
+    bias_coeffs: jax.Array,
+    blur_prob: jax.Array,
+    size: int,
+    scale: tuple[float, float],
+    config: AugmentConfig,
+) -> jax.Array:
+    """One crop [size, size] of z-scored intensities from `stacked` [H, W, 2] = (r, mask)."""
+    height, width = stacked.shape[:2]
+    k_uniform, k_noise = jax.random.split(key)
+    # One draw of all scalar uniforms per crop: far fewer PRNG ops to compile than a key each.
+    u = jax.random.uniform(k_uniform, (_N_BOX_UNIFORMS + 11,))
+    box = _crop_box_from_uniforms(u[:_N_BOX_UNIFORMS], height, width, scale, config.ratio)
+    u = u[_N_BOX_UNIFORMS:]
+
+    def between(x, lo, hi):
+        return lo + (hi - lo) * x
+
+    crop = crop_resize(stacked, box, size, config.interpolation)
+    r, fg = crop[..., 0], crop[..., 1] >= 0.5
+
+    r = r * _bias_field(bias_coeffs, box, size, height, width, config.bias_field_order)
+
+    mu = fg_mean / 255.0
+    contrast = between(u[0], 1 - config.contrast, 1 + config.contrast)
+    brightness = between(u[1], -config.brightness, config.brightness)
+    jittered = (r - mu) * contrast + mu + brightness
+    r = jnp.where(u[2] < config.brightness_contrast_prob, jittered, r)
+    r = jnp.clip(r, 0.0, 1.0)
+
+    gamma = jnp.exp(between(u[3], math.log(config.gamma_range[0]), math.log(config.gamma_range[1])))
+    r = jnp.where(u[4] < config.gamma_prob, r ** gamma, r)
+
+    sigma = between(u[5], config.blur_sigma[0], config.blur_sigma[1])
+    radius = max(1, min(int(math.ceil(3 * config.blur_sigma[1])), size - 1))
+    r = jnp.where(u[6] < blur_prob, _gaussian_blur(r, sigma, radius), r)
+
+    noise_std = between(u[7], config.noise_std[0], config.noise_std[1])
+    noisy = r + noise_std * jax.random.normal(k_noise, r.shape, jnp.float32)
+    r = jnp.where(u[8] < config.noise_prob, noisy, r)
+
+    flip = u[9] < config.flip_prob
+    r = jnp.where(flip, r[:, ::-1], r)
+    fg = jnp.where(flip, fg[:, ::-1], fg)
+
+    z = (255.0 * r - fg_mean) / fg_std
+    return jnp.where(fg, z, jnp.float32(config.background))
+
+
+def _augment_sample(key, pixels, fg_mean, fg_std, config: AugmentConfig):
+    height, width = pixels.shape
+    k_bias, k_global, k_local = jax.random.split(key, 3)
+    r = pixels.astype(jnp.float32) / 255.0
+    mask = (pixels > 0).astype(jnp.float32)
+    stacked = jnp.stack([r, mask], axis=-1)
+
+    n_terms = len(_monomials(config.bias_field_order))
+    u = jax.random.uniform(k_bias, (n_terms + 1,))
+    coeffs = config.bias_field_coefficient * (2 * u[1:] - 1)
+    coeffs = jnp.where(u[0] < config.bias_field_prob, coeffs, 0.0)
+
+    def crops(key, n, size, scale, blur_probs):
+        fn = lambda k, p: _augment_crop(k, stacked, fg_mean, fg_std, coeffs, p, size, scale, config)
+        return jax.vmap(fn)(jax.random.split(key, n), blur_probs)
+
+    globals_ = crops(k_global, 2, config.global_size, config.global_scale,
+                     jnp.asarray(config.blur_probs[:2], jnp.float32))
+    locals_ = crops(k_local, config.n_local, config.local_size, config.local_scale,
+                    jnp.full((config.n_local,), config.blur_probs[2], jnp.float32))
+    return globals_, locals_
+
+
+def augment_batch(
+    key: jax.Array,
+    pixels: jax.Array,
+    fg_mean: jax.Array,
+    fg_std: jax.Array,
+    config: AugmentConfig,
+) -> dict[str, jax.Array]:
+    """Multi-crop a batch of uint8 slices; call inside `jit` (config is static).
+
+    Args:
+      key: one PRNG key for the batch; it is split into one key per sample, so the samples
+        differ and a sample's crops do not depend on the batch size.
+      pixels: uint8 [B, H, W], 0 = background.
+      fg_mean, fg_std: [B] foreground statistics in uint8 units (from the record).
+
+    Returns:
+      {"global": [B, 2, G, G, C], "local": [B, n_local, L, L, C]} in `config.dtype`.
+    """
+    if pixels.ndim != 3 or pixels.dtype != jnp.uint8:
+        raise ValueError(f"pixels: expected uint8 [B, H, W], got {pixels.dtype} {pixels.shape}")
+    batch = pixels.shape[0]
+    for name, value in (("fg_mean", fg_mean), ("fg_std", fg_std)):
+        if value.shape != (batch,):
+            raise ValueError(f"{name}: expected shape ({batch},), got {value.shape}")
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
+    globals_, locals_ = jax.vmap(lambda k, p, m, s: _augment_sample(k, p, m, s, config))(
+        keys, pixels, fg_mean.astype(jnp.float32), fg_std.astype(jnp.float32)
+    )
+    dtype = jnp.dtype(config.dtype)
+
+    def channels(x):
+        x = x[..., None]
+        if config.channels == 3:
+            x = jnp.broadcast_to(x, x.shape[:-1] + (3,))
+        return x.astype(dtype)
+
+    return {"global": channels(globals_), "local": channels(locals_)}
+

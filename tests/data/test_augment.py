@@ -1,0 +1,187 @@
+"""On-device multi-crop augmentation: shapes, crop geometry, resampling, blur, z-score."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.ndimage
+import scipy.stats
+from PIL import Image
+
+from braindino_jax.data.augment import AugmentConfig, augment_batch, sample_crop_box
+
+SMALL = AugmentConfig(global_size=32, local_size=16, n_local=3)
+# Identity geometry: full-image crops, no flips, no intensity change except a fixed blur on
+# global crop 1, so global crop 2 and the locals have closed-form references.
+IDENTITY = AugmentConfig(
+    global_size=40, local_size=24, n_local=1,
+    global_scale=(1.0, 1.0), local_scale=(1.0, 1.0), ratio=(1.0, 1.0),
+    flip_prob=0.0, bias_field_prob=0.0, brightness_contrast_prob=0.0, gamma_prob=0.0,
+    noise_prob=0.0, blur_probs=(1.0, 0.0, 0.0), blur_sigma=(1.5, 1.5),
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(config: AugmentConfig):
+    return jax.jit(functools.partial(augment_batch, config=config))
+
+
+def _brain_slice(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A float 'brain' (ellipse of smooth texture) and its foreground mask."""
+    yy, xx = np.mgrid[:size, :size]
+    fg = ((yy - size / 2) / (0.4 * size)) ** 2 + ((xx - size / 2) / (0.33 * size)) ** 2 < 1
+    tissue = scipy.ndimage.gaussian_filter(rng.normal(size=(size, size)), 2.0) * 40 + 300
+    return np.where(fg, tissue, 0.0), fg
+
+
+def _to_storage(x: np.ndarray, fg: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """The contract's intensity mapping: clip to fg percentiles, fg -> [1, 255], bg -> 0."""
+    lo, hi = np.percentile(x[fg], [0.5, 99.5])
+    clipped = np.clip(x, lo, hi)
+    units = 1 + 254 * (clipped - lo) / (hi - lo)
+    u = np.where(fg, np.round(units), 0).astype(np.uint8)
+    return u, float(units[fg].mean()), float(units[fg].std())
+
+
+@pytest.fixture(scope="module")
+def slices():
+    rng = np.random.default_rng(0)
+    x, fg = _brain_slice(rng, 40)
+    u, mean, std = _to_storage(x, fg)
+    return x, fg, u, mean, std
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_shapes_dtypes_ranges_and_per_sample_keys(slices, batch):
+    _, _, u, mean, std = slices
+    pixels = jnp.asarray(np.repeat(u[None], batch, axis=0))
+    out = _jitted(SMALL)(jax.random.key(7), pixels, jnp.full(batch, mean), jnp.full(batch, std))
+    assert out["global"].shape == (batch, 2, 32, 32, 3)
+    assert out["local"].shape == (batch, 3, 16, 16, 3)
+    for views in out.values():
+        views = np.asarray(views)
+        assert views.dtype == np.float32 and np.isfinite(views).all()
+        np.testing.assert_array_equal(views[..., 0], views[..., 2])
+        # Intensities stay within [0, 1] before z-scoring, up to Gaussian noise (std <= 0.05).
+        assert views.min() >= (-0.3 * 255 - mean) / std
+        assert views.max() <= (1.3 * 255 - mean) / std
+        assert (views == 0).any() and (np.abs(views) > 0.5).any()
+    if batch == 3:
+        # Identical inputs, per-sample keys: every sample's crops differ.
+        g = np.asarray(out["global"])
+        assert not np.allclose(g[0], g[1]) and not np.allclose(g[1], g[2])
+        # Sample i's key is fold_in(key, i): independent of the batch size.
+        single = _jitted(SMALL)(jax.random.key(7), pixels[:1], jnp.full(1, mean), jnp.full(1, std))
+        np.testing.assert_allclose(np.asarray(single["global"][0]), g[0], atol=1e-5)
+
+
+def test_single_channel_bfloat16(slices):
+    _, _, u, mean, std = slices
+    config = AugmentConfig(global_size=32, local_size=16, n_local=2, channels=1, dtype="bfloat16")
+    out = _jitted(config)(jax.random.key(1), jnp.asarray(np.stack([u, u])),
+                          jnp.full(2, mean), jnp.full(2, std))
+    assert out["global"].shape == (2, 2, 32, 32, 1) and out["global"].dtype == jnp.bfloat16
+    assert out["local"].shape == (2, 2, 16, 16, 1) and out["local"].dtype == jnp.bfloat16
+
+
+@pytest.fixture(scope="module")
+def identity_out(slices):
+    _, _, u, mean, std = slices
+    out = _jitted(IDENTITY)(jax.random.key(3), jnp.asarray(u[None]), jnp.full(1, mean),
+                            jnp.full(1, std))
+    return {k: np.asarray(v[0, ..., 0], np.float64) for k, v in out.items()}
+
+
+def test_identity_crop_reproduces_float_zscore(slices, identity_out):
+    x, fg, _, mean, std = slices
+    lo, hi = np.percentile(x[fg], [0.5, 99.5])
+    clipped = np.clip(x[fg], lo, hi)
+    expected = (clipped - clipped.mean()) / clipped.std()
+    got = identity_out["global"][1]
+    # Rounding to uint8 moves a value by at most half a unit: 0.5 / fg_std in z units.
+    assert np.abs(got[fg] - expected).max() <= 0.5 / std + 1e-5
+    np.testing.assert_array_equal(got[~fg], 0.0)
+
+
+def test_resized_crop_matches_pil(slices, identity_out):
+    _, fg, u, mean, std = slices
+    size = IDENTITY.local_size
+
+    def pil_resize(a):
+        return np.asarray(Image.fromarray(a.astype(np.float32), mode="F").resize(
+            (size, size), Image.BILINEAR), np.float64)
+
+    r = pil_resize(u / 255.0)
+    mask = pil_resize(fg.astype(np.float64))
+    expected = np.where(mask >= 0.5, (255 * r - mean) / std, 0.0)
+    clear = np.abs(mask - 0.5) > 1e-3  # pixels whose fg/bg decision is not a rounding tie
+    np.testing.assert_allclose(identity_out["local"][0][clear], expected[clear], atol=1e-4)
+
+
+def test_blur_applies_with_probability_one_on_global_crop_1(slices, identity_out):
+    _, fg, _, mean, std = slices
+    sharp = identity_out["global"][1]
+    r = np.where(fg, (sharp * std + mean) / 255.0, 0.0)
+    radius = math.ceil(3 * 1.5)
+    blurred = scipy.ndimage.gaussian_filter(r, 1.5, mode="mirror", truncate=radius / 1.5)
+    expected = np.where(fg, (255 * blurred - mean) / std, 0.0)
+    np.testing.assert_allclose(identity_out["global"][0], expected, atol=1e-4)
+
+
+def _reference_areas(rng, n, height, width, scale, ratio):
+    """float64 rejection sampler: area ~ U(scale), log-ratio uniform, keep the first fit."""
+    out = []
+    while len(out) < n:
+        s = rng.uniform(*scale)
+        r = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = math.sqrt(s * height * width * r), math.sqrt(s * height * width / r)
+        if w <= width and h <= height:
+            out.append(s)
+    return np.array(out)
+
+
+def test_crop_box_areas_follow_the_configured_distribution():
+    n, height, width = 4000, 256, 256
+    keys = jax.random.split(jax.random.key(0), n)
+
+    @functools.partial(jax.jit, static_argnums=(1,))
+    def boxes(keys, scale):
+        return jax.vmap(lambda k: sample_crop_box(k, height, width, scale, (3 / 4, 4 / 3)))(keys)
+
+    local = np.asarray(boxes(keys, (0.05, 0.32)), np.float64)
+    top, left, h, w = local.T
+    assert (top >= 0).all() and (left >= 0).all()
+    assert (top + h <= height + 1e-3).all() and (left + w <= width + 1e-3).all()
+    area = h * w / (height * width)
+    assert scipy.stats.kstest(area, scipy.stats.uniform(0.05, 0.27).cdf).pvalue > 1e-3
+    log_ratio = np.log(w / h)
+    lr = math.log(4 / 3)
+    assert scipy.stats.kstest(log_ratio, scipy.stats.uniform(-lr, 2 * lr).cdf).pvalue > 1e-3
+
+    # Global crops can fail to fit (area near 1 with a non-square ratio) and are redrawn.
+    glob = np.asarray(boxes(keys, (0.32, 1.0)), np.float64)
+    area = glob[:, 2] * glob[:, 3] / (height * width)
+    reference = _reference_areas(np.random.default_rng(1), 20000, height, width, (0.32, 1.0),
+                                 (3 / 4, 4 / 3))
+    assert scipy.stats.ks_2samp(area, reference).pvalue > 1e-3
+    assert not scipy.stats.ks_2samp(area, np.random.default_rng(2).uniform(0.32, 1.0, 20000)
+                                    ).pvalue > 1e-3
+
+
+def test_bad_config_and_inputs_name_the_field():
+    with pytest.raises(ValueError, match="AugmentConfig.channels"):
+        AugmentConfig(channels=2).validate()
+    with pytest.raises(ValueError, match=r"AugmentConfig.global_scale"):
+        AugmentConfig(global_scale=(0.5, 1.5)).validate()
+    with pytest.raises(ValueError, match=r"AugmentConfig.blur_probs\[1\]"):
+        AugmentConfig(blur_probs=(1.0, 1.1, 0.5)).validate()
+    AugmentConfig().validate()
+    with pytest.raises(ValueError, match="pixels"):
+        augment_batch(jax.random.key(0), jnp.zeros((2, 8, 8), jnp.float32), jnp.ones(2),
+                      jnp.ones(2), SMALL)
+    with pytest.raises(ValueError, match="fg_std"):
+        augment_batch(jax.random.key(0), jnp.zeros((2, 8, 8), jnp.uint8), jnp.ones(2),
+                      jnp.ones(3), SMALL)
