@@ -1,0 +1,182 @@
+"""Which volumes a preparation job reads, and the metadata that goes into their records.
+
+Inputs come from roots searched with glob patterns, or from a CSV listing them. Dataset,
+subject, session and modality come from the CSV, else from BIDS-style names
+(`sub-01_ses-1_T1w.nii.gz`, or `sub-*`/`ses-*` folders), else from defaults. The same file
+listed twice is read once; subjects in an exclusion list never reach the shards, so that
+evaluation subjects cannot leak into pretraining.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+DEFAULT_PATTERNS = ("**/*.nii.gz", "**/*.nii", "**/*.hdr")
+VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".hdr", ".img")
+CSV_COLUMNS = ("path", "dataset", "subject", "session", "modality")
+
+
+class InputError(ValueError):
+    """Inputs that cannot be listed: a missing root, an empty search, a malformed CSV."""
+
+
+@dataclasses.dataclass(frozen=True)
+class InputVolume:
+    """One input file and the metadata its slices will carry."""
+
+    path: str
+    dataset: str
+    subject: str
+    session: str
+    modality: str
+
+
+def strip_volume_extension(name: str) -> str:
+    for ext in VOLUME_EXTENSIONS:
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+_ENTITY = re.compile(r"^([A-Za-z0-9]+)-([A-Za-z0-9]+)$")
+
+
+def parse_bids_name(path: str | os.PathLike) -> dict[str, str]:
+    """`subject`, `session` and `modality` found in a BIDS-style path (missing keys = not found).
+
+    The subject and session keep their BIDS prefixes (`sub-01`, `ses-1`), as in
+    `participants.tsv`; the modality is the file's suffix (`T1w`, `FLAIR`, `bold`...).
+    """
+    path = Path(path)
+    stem = strip_volume_extension(path.name)
+    found: dict[str, str] = {}
+    parts = stem.split("_")
+    entities = [m for m in (_ENTITY.match(p) for p in parts) if m]
+    for m in entities:
+        if m.group(1) == "sub":
+            found.setdefault("subject", m.group(0))
+        elif m.group(1) == "ses":
+            found.setdefault("session", m.group(0))
+    if entities and len(parts) > 1 and not _ENTITY.match(parts[-1]) and parts[-1]:
+        found["modality"] = parts[-1]
+    for folder in reversed(path.parent.parts):
+        m = _ENTITY.match(folder)
+        if m and m.group(1) == "sub":
+            found.setdefault("subject", folder)
+        elif m and m.group(1) == "ses":
+            found.setdefault("session", folder)
+    return found
+
+
+def _metadata(path: str, dataset: str, default_modality: str, given: dict[str, str]) -> InputVolume:
+    bids = parse_bids_name(path)
+    return InputVolume(
+        path=path,
+        dataset=given.get("dataset") or dataset,
+        subject=given.get("subject") or bids.get("subject") or strip_volume_extension(Path(path).name),
+        session=given.get("session") or bids.get("session", ""),
+        modality=given.get("modality") or bids.get("modality", default_modality),
+    )
+
+
+def parse_root(spec: str) -> tuple[str, Path]:
+    """`NAME=PATH` or `PATH` (the dataset is then named after the folder)."""
+    name, sep, path = spec.partition("=")
+    if sep and name and "/" not in name:
+        return name, Path(path)
+    root = Path(spec)
+    return root.resolve().name or "dataset", root
+
+
+def discover(
+    roots: Sequence[str],
+    patterns: Sequence[str] = DEFAULT_PATTERNS,
+    default_modality: str = "unknown",
+) -> list[InputVolume]:
+    """Files under each root matching any pattern, sorted, each tagged with its metadata."""
+    volumes: list[InputVolume] = []
+    for spec in roots:
+        dataset, root = parse_root(spec)
+        if not root.is_dir():
+            raise InputError(f"input root {root}: not a directory")
+        matches: set[str] = set()
+        for pattern in patterns:
+            matches.update(str(p) for p in root.glob(pattern) if p.is_file() or p.is_symlink())
+        volumes.extend(_metadata(p, dataset, default_modality, {}) for p in sorted(matches))
+    if not volumes:
+        raise InputError(
+            f"no input volumes found under {', '.join(roots)} matching {', '.join(patterns)}"
+        )
+    return volumes
+
+
+def read_csv(csv_path: str | os.PathLike, default_modality: str = "unknown") -> list[InputVolume]:
+    """Volumes listed in a CSV with a `path` column (relative paths are relative to the CSV).
+
+    Optional columns `dataset`, `subject`, `session`, `modality` override what the file name
+    says; the dataset defaults to the CSV's file name.
+    """
+    csv_path = Path(csv_path)
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"{csv_path}: cannot read the input CSV: {exc}") from exc
+    if "path" not in header:
+        raise InputError(f"{csv_path}: the input CSV needs a 'path' column (found {header})")
+    unknown = sorted(set(header) - set(CSV_COLUMNS))
+    if unknown:
+        raise InputError(f"{csv_path}: unknown CSV columns {unknown} (known: {list(CSV_COLUMNS)})")
+    volumes = []
+    for line, row in enumerate(rows, start=2):
+        raw = (row.get("path") or "").strip()
+        if not raw:
+            raise InputError(f"{csv_path}:{line}: empty 'path'")
+        path = raw if os.path.isabs(raw) else str(csv_path.parent / raw)
+        given = {k: (row.get(k) or "").strip() for k in CSV_COLUMNS[1:]}
+        volumes.append(_metadata(path, csv_path.stem, default_modality, given))
+    if not volumes:
+        raise InputError(f"{csv_path}: the input CSV lists no volumes")
+    return volumes
+
+
+def find_duplicates(volumes: Sequence[InputVolume]) -> list[str | None]:
+    """Per listing, the path of an earlier listing of the same file (by real path), else None."""
+    first: dict[str, str] = {}
+    out: list[str | None] = []
+    for volume in volumes:
+        key = os.path.realpath(volume.path)
+        out.append(first.get(key))
+        first.setdefault(key, volume.path)
+    return out
+
+
+def _normalise_subject(subject: str) -> str:
+    return subject.removeprefix("sub-")
+
+
+def read_exclusions(path: str | os.PathLike) -> set[str]:
+    """Subject IDs to exclude, one per line: `ID` (any dataset) or `DATASET/ID`; `#` comments."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read the subject exclusion list: {exc}") from exc
+    entries = set()
+    for line in lines:
+        line = line.split("#", 1)[0].strip()
+        if line:
+            dataset, sep, subject = line.rpartition("/")
+            entries.add(f"{dataset}/{_normalise_subject(subject)}" if sep else _normalise_subject(subject))
+    return entries
+
+
+def is_excluded(volume: InputVolume, exclusions: set[str]) -> bool:
+    subject = _normalise_subject(volume.subject)
+    return subject in exclusions or f"{volume.dataset}/{subject}" in exclusions

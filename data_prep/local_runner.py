@@ -1,0 +1,240 @@
+"""Local data preparation: a process pool over volumes, then one deterministic finalise step.
+
+Resumable by construction. Each worker writes a volume's records to `<out>/_work/<key>.array_record`
+and then its manifest row to `<key>.json` (the commit marker), both atomically. A re-run reuses
+every volume whose marker matches the file's sha256, the metadata and the preprocessing config,
+and redoes the rest. Finalising always rebuilds the shards from the work files in input order,
+so a run that was killed and resumed writes exactly the shards an uninterrupted run writes.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import json
+import multiprocessing
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from braindino_jax.data import manifest, records, shards
+from braindino_jax.data.atomic_file import write_atomic
+from braindino_jax.data.dataset_card import build_card
+from braindino_jax.data.inputs import InputVolume, find_duplicates, is_excluded
+from braindino_jax.data.qc_montage import QcSampler
+from braindino_jax.preprocessing.config import PrepConfig
+from braindino_jax.preprocessing.errors import ConfigError
+from data_prep.summary import RunSummary
+from data_prep.volume_task import base_row, file_sha256, prepare_volume, volume_key
+
+WORK_DIR = "_work"
+MANIFEST = "manifest.jsonl"
+DATASET_CARD = "dataset_card.json"
+QC_DIR = "qc"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """Everything a run needs besides its inputs; `validate` names the offending option."""
+
+    out_dir: Path
+    config: PrepConfig = PrepConfig()
+    workers: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
+    shard_prefix: str = "slices"
+    target_shard_records: int | None = None
+    target_shard_bytes: int | None = 1_000_000_000
+    max_failure_fraction: float = 0.2
+    qc_per_dataset: int = 16
+    qc_worst: int = 16
+    seed: int = 0
+    progress: bool = True
+    clean_work: bool = False
+
+    def validate(self) -> None:
+        self.config.validate()
+        if not isinstance(self.workers, int) or self.workers < 1:
+            raise ConfigError(f"workers: expected an integer >= 1, got {self.workers!r}")
+        if not self.shard_prefix or any(c in self.shard_prefix for c in "/\\ "):
+            raise ConfigError(f"shard_prefix: expected a plain file-name prefix, got {self.shard_prefix!r}")
+        if (self.target_shard_records is None) == (self.target_shard_bytes is None):
+            raise ConfigError("target_shard_records / target_shard_bytes: give exactly one shard-size target")
+        for name in ("target_shard_records", "target_shard_bytes"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name}: expected an integer >= 1, got {value!r}")
+        if not 0.0 <= self.max_failure_fraction <= 1.0:
+            raise ConfigError(f"max_failure_fraction: expected a number in [0, 1], got {self.max_failure_fraction!r}")
+        for name in ("qc_per_dataset", "qc_worst"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: expected an integer >= 0, got {getattr(self, name)!r}")
+
+
+def plan(volumes: Sequence[InputVolume], exclusions: set[str]) -> tuple[list[tuple[int, InputVolume]], list[dict]]:
+    """Split the listing into (index, volume) tasks and rows for duplicates and excluded subjects."""
+    tasks, skipped = [], []
+    for index, (volume, first) in enumerate(zip(volumes, find_duplicates(volumes))):
+        if first is not None:
+            skipped.append(base_row(index, volume, manifest.DUPLICATE, f"same file as {first}, processed once"))
+        elif is_excluded(volume, exclusions):
+            skipped.append(base_row(index, volume, manifest.EXCLUDED, "subject is in the exclusion list"))
+        else:
+            tasks.append((index, volume))
+    return tasks, skipped
+
+
+def _work_paths(work_dir: Path, key: str) -> tuple[Path, Path]:
+    return work_dir / f"{key}.array_record", work_dir / f"{key}.json"
+
+
+def _identity(volume: InputVolume, config: PrepConfig, sha256: str) -> dict[str, Any]:
+    """What a cached result must match to be reused (records embed all of it)."""
+    return {
+        "volume": dataclasses.asdict(volume),
+        "sha256": sha256,
+        "config": config.to_dict(),
+        "schema_version": records.SCHEMA_VERSION,
+    }
+
+
+def process_cached(index: int, volume: InputVolume, config: PrepConfig, work_dir: Path) -> dict[str, Any]:
+    """Reuse a finished volume's work files or prepare it; returns its manifest row."""
+    start = time.perf_counter()
+    rec_path, marker_path = _work_paths(work_dir, volume_key(volume.path))
+    try:
+        sha256 = file_sha256(volume.path)
+    except OSError:
+        sha256 = None  # prepare_volume turns the same error into a failed row
+    if sha256 is not None and marker_path.is_file() and rec_path.is_file():
+        try:
+            marker = json.loads(marker_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            marker = None
+        if marker and marker.get("identity") == _identity(volume, config, sha256):
+            row = marker["row"]
+            row.update(index=index, reused=True)
+            return row
+    result = prepare_volume(index, volume, config, sha256=sha256)
+    row = result.row
+    if row["status"] == manifest.OK:
+        t = time.perf_counter()
+        shards.write_array_record(rec_path, result.records)
+        write_atomic(marker_path, json.dumps({"identity": _identity(volume, config, row["sha256"]),
+                                              "row": row}).encode())
+        row["timings"]["write_s"] = time.perf_counter() - t
+        row["timings"]["total_s"] = time.perf_counter() - start
+    return row
+
+
+def _process_all(tasks: list[tuple[int, InputVolume]], options: RunOptions, work_dir: Path) -> list[dict]:
+    """Run `process_cached` over the tasks, in-process for one worker, else in a process pool."""
+    bar = tqdm(total=len(tasks), unit="vol", desc="preparing", disable=not options.progress, smoothing=0.1)
+    rows = []
+    try:
+        if options.workers == 1:
+            for index, volume in tasks:
+                rows.append(process_cached(index, volume, options.config, work_dir))
+                bar.update()
+            return rows
+        pending = list(reversed(tasks))
+        window = 4 * options.workers
+        context = multiprocessing.get_context("spawn")  # no fork: the parent may hold JAX threads
+        while pending:
+            with cf.ProcessPoolExecutor(options.workers, mp_context=context) as pool:
+                in_flight: dict[cf.Future, tuple[int, InputVolume]] = {}
+                try:
+                    while pending or in_flight:
+                        while pending and len(in_flight) < window:
+                            index, volume = pending.pop()
+                            future = pool.submit(process_cached, index, volume, options.config, work_dir)
+                            in_flight[future] = (index, volume)
+                        done, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
+                        for future in done:
+                            index, volume = in_flight.pop(future)
+                            rows.append(future.result())
+                            bar.update()
+                except cf.process.BrokenProcessPool:
+                    # A worker died (out of memory, a crash in a decoder). The volumes it may have
+                    # held are recorded as failed; a fresh pool takes the rest.
+                    for index, volume in in_flight.values():
+                        rows.append(base_row(index, volume, manifest.FAILED,
+                                             "worker process died while preparing this volume"))
+                        bar.update()
+                except BaseException:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
+        return rows
+    finally:
+        bar.close()
+
+
+def finalise(rows: list[dict], options: RunOptions, work_dir: Path) -> dict[str, Any]:
+    """Deal every good volume's records into balanced shards; write manifest, card and QC."""
+    out_dir = Path(options.out_dir)
+    rows = sorted(rows, key=lambda r: r["index"])
+    ok = [r for r in rows if r["status"] == manifest.OK]
+    total_records = sum(r["slices_kept"] for r in ok)
+    sampler = QcSampler(options.qc_per_dataset, options.qc_worst, options.seed)
+    shard_paths: list[Path] = []
+    shard_counts: list[int] = []
+    if total_records:
+        n_shards = shards.count_shards(
+            total_records,
+            sum(r["record_bytes"] for r in ok),
+            options.target_shard_records,
+            options.target_shard_bytes,
+        )
+        offsets = shards.record_offsets([r["slices_kept"] for r in ok])
+        with shards.ShardSetWriter(out_dir, options.shard_prefix, n_shards) as writer:
+            for row, offset in zip(ok, offsets):
+                data = shards.read_array_record(_work_paths(work_dir, row["key"])[0])
+                if len(data) != row["slices_kept"]:
+                    raise shards.ShardError(
+                        f"{work_dir}: work file for {row['path']} holds {len(data)} records, "
+                        f"expected {row['slices_kept']}; delete it and re-run"
+                    )
+                for j, record_bytes in enumerate(data):
+                    writer.write(shards.shard_of(offset, j, n_shards), record_bytes)
+                    sampler.observe(f"{row['key']}/{j}", records.decode(record_bytes))
+            shard_paths = writer.commit()
+            shard_counts = writer.counts
+    else:
+        for stale in shards.find_shard_files(out_dir, options.shard_prefix):
+            stale.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest.write_manifest(out_dir / MANIFEST, rows)
+    card = build_card(rows, options.config, [p.name for p in shard_paths], shard_counts)
+    write_atomic(out_dir / DATASET_CARD, json.dumps(card, indent=2, ensure_ascii=False).encode())
+    qc_dir = out_dir / QC_DIR
+    if qc_dir.is_dir():
+        shutil.rmtree(qc_dir)
+    qc_paths = sampler.write(qc_dir) if total_records else []
+    return {"shards": shard_paths, "qc": qc_paths, "rows": rows}
+
+
+def run_local(
+    volumes: Sequence[InputVolume],
+    options: RunOptions,
+    exclusions: set[str] | None = None,
+) -> RunSummary:
+    """Prepare `volumes` into shards under `options.out_dir`; see the module docstring."""
+    options.validate()
+    start = time.perf_counter()
+    work_dir = Path(options.out_dir) / WORK_DIR
+    work_dir.mkdir(parents=True, exist_ok=True)
+    tasks, skipped = plan(volumes, exclusions or set())
+    rows = skipped + _process_all(tasks, options, work_dir)
+    result = finalise(rows, options, work_dir)
+    if options.clean_work:
+        shutil.rmtree(work_dir)
+    return RunSummary.from_rows(
+        result["rows"],
+        out_dir=Path(options.out_dir),
+        shard_paths=result["shards"],
+        qc_paths=result["qc"],
+        seconds=time.perf_counter() - start,
+    )

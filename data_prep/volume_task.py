@@ -1,0 +1,153 @@
+"""The per-volume step both runners share: one input file → encoded slice records + manifest row.
+
+It never raises for a bad volume: the failure becomes a manifest row with a reason, so a batch
+job goes on and loses nothing that was good.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from braindino_jax.data import manifest, records
+from braindino_jax.data.inputs import InputVolume
+from braindino_jax.preprocessing.config import PrepConfig
+from braindino_jax.preprocessing.errors import VolumeError
+from braindino_jax.preprocessing.volume import preprocess_volume
+
+_HASH_CHUNK = 1 << 20
+
+
+@dataclasses.dataclass
+class VolumeResult:
+    row: dict[str, Any]
+    records: list[bytes]
+
+
+def volume_key(path: str) -> str:
+    """Stable name for a volume's intermediate files: a hash of its real path."""
+    return hashlib.sha256(os.path.realpath(path).encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def base_row(index: int, volume: InputVolume, status: str, reason: str | None = None) -> dict[str, Any]:
+    """Manifest row with the input's identity and every measured field empty."""
+    return {
+        "index": index,
+        "path": volume.path,
+        "dataset": volume.dataset,
+        "subject": volume.subject,
+        "session": volume.session,
+        "modality": volume.modality,
+        "key": volume_key(volume.path),
+        "status": status,
+        "reason": reason,
+        "sha256": None,
+        "shape": None,
+        "spacing": None,
+        "orientation": None,
+        "volumes": 0,
+        "slices_kept": 0,
+        "slices_dropped": 0,
+        "nan_count": 0,
+        "record_bytes": 0,
+        "pixel_stats": None,
+        "reused": False,
+        "timings": {},
+    }
+
+
+def _pixel_stats(volumes: list) -> dict[str, int]:
+    """Exact integer moments of the written pixels, summable across volumes for the card."""
+    hist = np.zeros(256, np.int64)
+    for vol in volumes:
+        hist += np.bincount(np.asarray(vol.slices, np.uint8).ravel(), minlength=256)
+    values = np.arange(256, dtype=np.int64)
+    return {
+        "pixels": int(hist.sum()),
+        "foreground": int(hist[1:].sum()),
+        "sum": int(hist @ values),
+        "sum_sq": int(hist @ (values * values)),
+    }
+
+
+def prepare_volume(index: int, volume: InputVolume, config: PrepConfig, sha256: str | None = None) -> VolumeResult:
+    """Preprocess one input file into encoded records; failures come back as a failed row."""
+    start = time.perf_counter()
+    row = base_row(index, volume, manifest.OK)
+    timings = row["timings"]
+    try:
+        row["sha256"] = sha256 or file_sha256(volume.path)
+    except OSError as exc:
+        return _failed(row, f"cannot read file: {exc.strerror or exc}", start)
+    timings["hash_s"] = time.perf_counter() - start
+
+    t = time.perf_counter()
+    try:
+        prepared = preprocess_volume(volume.path, config)
+    except VolumeError as exc:
+        return _failed(row, exc.reason, start)
+    except Exception as exc:  # a bug or an unforeseen file must not stop the whole job
+        return _failed(row, f"unexpected {type(exc).__name__}: {exc}", start)
+    timings["preprocess_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    encoded = []
+    for vol in prepared:
+        for pixels, slice_index in zip(vol.slices, vol.slice_indices):
+            record = records.SliceRecord(
+                pixels=pixels,
+                dataset=volume.dataset,
+                subject=volume.subject,
+                session=volume.session,
+                modality=volume.modality,
+                source_path=volume.path,
+                slice_index=int(slice_index),
+                n_slices=vol.n_slices,
+                spacing=vol.spacing,
+                fg_mean=vol.fg_mean,
+                fg_std=vol.fg_std,
+                volume_index=vol.volume_index,
+            )
+            encoded.append(records.encode(record))
+    timings["encode_s"] = time.perf_counter() - t
+
+    first = prepared[0]
+    row.update(
+        shape=list(first.source_shape),
+        spacing=[float(s) for s in first.source_spacing],
+        orientation=first.orientation,
+        volumes=len(prepared),
+        slices_kept=len(encoded),
+        slices_dropped=sum(v.slices_dropped for v in prepared),
+        nan_count=sum(v.nan_count for v in prepared),
+        record_bytes=sum(len(r) for r in encoded),
+        pixel_stats=_pixel_stats(prepared),
+    )
+    if not encoded:
+        return _failed(
+            row,
+            f"no axial slice has a foreground fraction >= {config.min_foreground_fraction}",
+            start,
+        )
+    timings["total_s"] = time.perf_counter() - start
+    return VolumeResult(row, encoded)
+
+
+def _failed(row: dict[str, Any], reason: str, start: float) -> VolumeResult:
+    row["status"] = manifest.FAILED
+    row["reason"] = reason
+    row["timings"]["total_s"] = time.perf_counter() - start
+    return VolumeResult(row, [])
