@@ -1,0 +1,62 @@
+"""Robust intensity scaling to uint8 storage, and the NaN/Inf policy.
+
+Storage units: the foreground is clipped to its [lo, hi] percentiles and mapped linearly to
+1..255 (u = 1 + 254 (x - lo) / (hi - lo), rounded); background is 0. The clipped foreground's
+mean and std are recorded in the same units, so BrainDINO's foreground z-score of the original
+volume is (u - fg_mean) / fg_std, a linear transform applied when the slice is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class IntensityScale:
+    """Clip range (source units) and the clipped foreground's moments in uint8 units."""
+
+    lo: float
+    hi: float
+    fg_mean: float
+    fg_std: float
+
+    def to_uint8(self, data: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Map ``data`` to storage units: foreground → 1..255, background (``~mask``) → 0."""
+        gain = np.float32(254.0 / (self.hi - self.lo))
+        u = np.clip(data, np.float32(self.lo), np.float32(self.hi))
+        u -= np.float32(self.lo)
+        u *= gain
+        u += np.float32(1.5)  # +0.5 so the truncating cast rounds to nearest
+        out = u.astype(np.uint8)
+        out[~mask] = 0
+        return out
+
+
+def zero_nonfinite(data: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """Set NaN/Inf voxels to 0; returns (data, finite mask or None if all finite, count)."""
+    finite = np.isfinite(data)
+    count = int(data.size - np.count_nonzero(finite))
+    if count == 0:
+        return data, None, 0
+    return np.where(finite, data, np.float32(0)), finite, count
+
+
+def fit_intensity_scale(values: np.ndarray, clip_percentiles: tuple[float, float]) -> IntensityScale:
+    """Percentiles and clipped moments of the foreground ``values`` (1D float32, finite).
+
+    Raises ValueError when the clip range is empty (a constant foreground has no contrast).
+    """
+    lo, hi = (float(v) for v in np.percentile(values, clip_percentiles))
+    if not hi > lo:
+        raise ValueError(
+            f"foreground intensity is constant between the {clip_percentiles[0]} and "
+            f"{clip_percentiles[1]} percentiles ({lo:g}); nothing to scale"
+        )
+    clipped = np.clip(values, np.float32(lo), np.float32(hi))
+    mean = float(np.mean(clipped, dtype=np.float64))
+    clipped -= np.float32(mean)
+    std = float(np.sqrt(np.mean(np.square(clipped), dtype=np.float64)))
+    gain = 254.0 / (hi - lo)
+    return IntensityScale(lo=lo, hi=hi, fg_mean=1.0 + gain * (mean - lo), fg_std=gain * std)

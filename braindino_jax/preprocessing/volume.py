@@ -1,0 +1,149 @@
+"""preprocess_volume: one NIfTI/Analyze file → uint8 axial slices plus the metadata records need.
+
+The order of steps matters for cost: the foreground mask is found on the source grid, the volume
+is resampled only when its spacing or obliquity requires it, intensity statistics are taken
+once over the foreground, and only the kept slices inside the crop box are scaled to uint8.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from braindino_jax.preprocessing.config import PrepConfig
+from braindino_jax.preprocessing.errors import VolumeError
+from braindino_jax.preprocessing.foreground import foreground_mask
+from braindino_jax.preprocessing.inplane import bounding_box, pad_to_square, shrink_to_fit
+from braindino_jax.preprocessing.intensity import IntensityScale, fit_intensity_scale, zero_nonfinite
+from braindino_jax.preprocessing.loading import LoadedVolume, load_volume
+from braindino_jax.preprocessing.orientation import axis_codes, to_canonical
+from braindino_jax.preprocessing.resampling import (
+    needs_resampling,
+    resample,
+    target_grid,
+    voxel_spacing,
+)
+from braindino_jax.preprocessing.slices import foreground_fractions, select_slices
+
+
+@dataclasses.dataclass
+class PreparedVolume:
+    """The kept axial slices of one 3D volume, with what a record or a probe needs to know."""
+
+    slices: np.ndarray  # uint8 [N, size, size]; 0 = background
+    slice_indices: np.ndarray  # int32 [N]: index along the canonical (RAS+) axial axis
+    n_slices: int  # number of axial slices in the canonical (resampled) volume
+    spacing: tuple[float, float, float]  # mm, canonical volume after resampling
+    fg_mean: float  # clipped foreground mean, uint8 storage units
+    fg_std: float  # clipped foreground std, uint8 storage units
+    source_shape: tuple[int, ...]
+    source_spacing: tuple[float, ...]
+    orientation: str  # original axis codes, e.g. "LPS"
+    nan_count: int  # NaN/Inf voxels found (treated as background)
+    slices_dropped: int  # axial slices not kept
+    volume_index: int  # index within a 4D series (0 for 3D)
+
+
+def preprocess_volume(path: str | os.PathLike, config: PrepConfig) -> list[PreparedVolume]:
+    """Load, canonicalise, resample, mask, scale and slice ``path``: one result per 3D volume.
+
+    Raises VolumeError (naming the file) for unreadable, corrupt or truncated files, images that
+    are not 3D/4D, a 4D image under ``four_d_policy="skip"``, and volumes with no usable
+    foreground (all zero, all NaN, constant, or no slice above the fraction threshold).
+    """
+    config.validate()
+    loaded = load_volume(path)
+    if loaded.data.ndim == 4:
+        n_volumes = loaded.data.shape[3]
+        if config.four_d_policy == "skip":
+            raise VolumeError(path, f"4D image with {n_volumes} volumes and four_d_policy='skip'")
+        indices = range(n_volumes) if config.four_d_policy == "all" else range(1)
+        volumes = [(t, loaded.data[..., t]) for t in indices]
+    else:
+        volumes = [(0, loaded.data)]
+    orientation = axis_codes(loaded.affine)
+    return [_prepare_3d(path, loaded, vol, t, orientation, config) for t, vol in volumes]
+
+
+def _prepare_3d(
+    path: str | os.PathLike,
+    loaded: LoadedVolume,
+    vol: np.ndarray,
+    volume_index: int,
+    orientation: str,
+    config: PrepConfig,
+) -> PreparedVolume:
+    where = f" (volume {volume_index} of the 4D series)" if loaded.data.ndim == 4 else ""
+    finite, nan_count = None, 0
+    if loaded.may_be_nonfinite:
+        vol, finite, nan_count = zero_nonfinite(vol)
+        if nan_count == vol.size:
+            raise VolumeError(path, f"all {vol.size} voxels are NaN or Inf{where}")
+    data, affine = to_canonical(vol, loaded.affine)
+    if finite is not None:
+        finite = to_canonical(finite, loaded.affine)[0]
+    if not data.any():
+        raise VolumeError(path, f"all voxels are zero{where}")
+    mask = foreground_mask(data, config.mask_method, config.mask_percentile, finite)
+    if not mask.any():
+        raise VolumeError(path, f"no foreground voxels with mask_method={config.mask_method!r}{where}")
+
+    if needs_resampling(affine, config.target_spacing):
+        grid = target_grid(affine, data.shape, config.target_spacing)
+        data, _ = resample(data, affine, config.target_spacing, config.interpolation, grid)
+        mask_f, affine = resample(mask.view(np.uint8), affine, config.target_spacing, "linear", grid)
+        mask = mask_f >= 0.5
+        if not mask.any():
+            raise VolumeError(path, f"foreground vanished when resampling to {config.target_spacing} mm{where}")
+
+    fractions = foreground_fractions(mask)
+    kept = select_slices(fractions, config.min_foreground_fraction, config.n_slices)
+    if kept.size == 0:
+        raise VolumeError(
+            path,
+            f"no axial slice has a foreground fraction >= {config.min_foreground_fraction} "
+            f"(largest is {fractions.max():.4f}){where}",
+        )
+    try:
+        scale = fit_intensity_scale(data[mask], config.clip_percentiles)
+    except ValueError as exc:
+        raise VolumeError(path, f"{exc}{where}") from exc
+
+    return PreparedVolume(
+        slices=_frame_slices(data, mask, kept, scale, config),
+        slice_indices=kept,
+        n_slices=int(data.shape[2]),
+        spacing=voxel_spacing(affine),
+        fg_mean=scale.fg_mean,
+        fg_std=scale.fg_std,
+        source_shape=tuple(int(n) for n in loaded.data.shape),
+        source_spacing=loaded.spacing,
+        orientation=orientation,
+        nan_count=nan_count,
+        slices_dropped=int(data.shape[2] - np.unique(kept).size),
+        volume_index=volume_index,
+    )
+
+
+def _frame_slices(
+    data: np.ndarray, mask: np.ndarray, kept: np.ndarray, scale: IntensityScale, config: PrepConfig
+) -> np.ndarray:
+    """Kept slices in display orientation, cropped to the foreground box, as uint8 squares.
+
+    Display orientation is ``canonical[:, ::-1, k].T``: rows run anterior → posterior, columns
+    patient left → right. The box is the union over the kept slab, so every slice of a volume
+    shares one in-plane frame.
+    """
+    slab = slice(int(kept.min()), int(kept.max()) + 1)
+    box = bounding_box(mask[:, ::-1, slab].any(axis=2).T, config.margin)
+    r0, r1, c0, c1 = box  # not None: the kept slices hold foreground
+    n_y = data.shape[1]
+    ys = slice(n_y - r1, n_y - r0)
+    image = np.transpose(data[c0:c1, ys][:, :, kept][:, ::-1], (2, 1, 0))
+    inside = np.transpose(mask[c0:c1, ys][:, :, kept][:, ::-1], (2, 1, 0))
+    if max(image.shape[1:]) > config.size:
+        image = shrink_to_fit(np.ascontiguousarray(image, dtype=np.float32), config.size)
+        inside = shrink_to_fit(inside.astype(np.float32), config.size) >= 0.5
+    return pad_to_square(scale.to_uint8(image, inside), config.size)
