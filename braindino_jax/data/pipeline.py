@@ -1,0 +1,281 @@
+"""Pretraining input: Grain over ArrayRecord shards, to sharded device batches.
+
+Host side (Grain `MapDataset`, so every element is a pure function of its index and the
+seed, which is what makes the iterator state small and a resume exact):
+
+    ArrayRecordDataSource(shards) -> decode -> global shuffle(seed) -> repeat
+      [-> weighted mix of datasets] -> this process's slice [p::P] -> batch
+      -> iBOT masks (numpy, seeded by batch index) -> threads / worker processes
+
+Each batch is a dict of numpy arrays for this process's share of the global batch:
+`pixels` uint8 [b, H, W] (0 = background), `fg_mean`/`fg_std` float32 [b] in uint8 units,
+and, when `mask_grid` is set, `masks` bool [b, 2, grid_h * grid_w] for the two global crops.
+
+Device side: `DeviceBatchIterator` turns each host batch into global `jax.Array`s sharded
+over `P(('data', 'fsdp'))` and keeps `device_prefetch` batches in flight, so the transfer
+overlaps the train step. It is a Grain `DatasetIterator`, so `get_state()`/`set_state()`
+(JSON-safe dicts) and `grain.checkpoint.CheckpointSave/CheckpointRestore` (Orbax, one file
+per process) both work; the state is that of the last batch *returned*, not the last one
+prefetched, so a restored run sees exactly the batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import os
+from typing import Any, Sequence
+
+import grain
+from absl import flags as absl_flags
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from braindino_jax.data import masking, records
+
+
+class PipelineError(ValueError):
+    """Bad pipeline configuration or unreadable input, with the file or field named."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """What to read and how to batch it.
+
+    `shards` are paths or globs. Without `weights` all matching files form one dataset
+    (each slice equally likely); with `weights` each entry is its own dataset, shuffled and
+    repeated on its own and mixed in these proportions.
+    """
+
+    shards: tuple[str, ...]
+    weights: tuple[float, ...] | None = None
+    batch_size: int = 64             # global, over all processes
+    image_size: int = 256            # every stored slice must be image_size x image_size
+    seed: int = 0
+    num_workers: int = 0             # Grain worker processes (0 = in this process)
+    worker_buffer_size: int = 2      # batches buffered per worker
+    read_threads: int = 2            # Grain reader threads per process
+    device_prefetch: int = 2         # batches kept in flight on the devices
+    mask_grid: tuple[int, int] | None = (14, 14)  # patch grid of a global crop; None = no masks
+    mask_sample_probability: float = 0.5
+    mask_ratio_range: tuple[float, float] = (0.1, 0.5)
+
+    def validate(self, process_count: int = 1) -> None:
+        """Raise PipelineError naming the first bad field."""
+
+        def fail(field: str, reason: str) -> None:
+            raise PipelineError(f"PipelineConfig.{field}: {reason}")
+
+        if isinstance(self.shards, str) or not self.shards:
+            fail("shards", f"need a non-empty tuple of paths or globs, got {self.shards!r}")
+        if self.weights is not None:
+            if len(self.weights) != len(self.shards):
+                fail("weights", f"need one weight per shards entry ({len(self.shards)}), "
+                     f"got {len(self.weights)}")
+            if any(not w > 0 for w in self.weights):
+                fail("weights", f"must all be > 0, got {self.weights}")
+        if self.batch_size < 1 or self.batch_size % process_count:
+            fail("batch_size", f"{self.batch_size} must be a positive multiple of the "
+                 f"process count {process_count}")
+        for field in ("image_size", "worker_buffer_size", "device_prefetch"):
+            if getattr(self, field) < 1:
+                fail(field, f"must be >= 1, got {getattr(self, field)}")
+        for field in ("num_workers", "read_threads"):
+            if getattr(self, field) < 0:
+                fail(field, f"must be >= 0, got {getattr(self, field)}")
+        if not 0 <= self.seed < 2**32:
+            fail("seed", f"must be in [0, 2**32), got {self.seed}")
+        if self.mask_grid is not None:
+            try:
+                masking.max_masked_tokens(2, self.mask_grid, self.mask_sample_probability,
+                                          self.mask_ratio_range)
+            except ValueError as exc:
+                fail("mask_grid/mask_sample_probability/mask_ratio_range", str(exc))
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """Sorted files matching a path or glob; PipelineError if there are none."""
+    paths = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+    paths = [p for p in paths if os.path.isfile(p)]
+    if not paths:
+        raise PipelineError(f"no shard files match {pattern!r}")
+    return paths
+
+
+class _Decoder:
+    """Record bytes -> training fields, with the shard file named when a record is bad.
+
+    Called with the index into its data source; the file is looked up only on error, so
+    the happy path costs nothing extra.
+    """
+
+    def __init__(self, paths: Sequence[str], image_size: int):
+        self._paths = list(paths)
+        self._image_size = image_size
+
+    def __call__(self, index: int, data: bytes) -> dict[str, Any]:
+        try:
+            record = records.decode(data)
+        except records.RecordError as exc:
+            raise PipelineError(f"{self._locate(index)}: {exc}") from exc
+        size = self._image_size
+        if record.pixels.shape != (size, size):
+            raise PipelineError(
+                f"{self._locate(index)}: slice is {record.pixels.shape[0]}x"
+                f"{record.pixels.shape[1]}, the pipeline expects {size}x{size} (image_size)"
+            )
+        if not record.fg_std > 0:
+            raise PipelineError(f"{self._locate(index)}: fg_std must be > 0, got {record.fg_std}")
+        return {
+            "pixels": record.pixels,
+            "fg_mean": np.float32(record.fg_mean),
+            "fg_std": np.float32(record.fg_std),
+        }
+
+    def _locate(self, index: int) -> str:
+        from array_record.python.array_record_module import ArrayRecordReader
+
+        offset = 0
+        for path in self._paths:
+            reader = ArrayRecordReader(path)
+            count = reader.num_records()
+            reader.close()
+            if index < offset + count:
+                return f"{path} (record {index - offset})"
+            offset += count
+        return f"record {index} of {self._paths}"
+
+
+def _dataset(paths: Sequence[str], image_size: int, seed: int) -> grain.MapDataset:
+    try:
+        source = grain.sources.ArrayRecordDataSource(list(paths))
+    except Exception as exc:  # array_record raises bare RuntimeErrors for unreadable files
+        raise PipelineError(f"cannot open shards {list(paths)}: {exc}") from exc
+    if len(source) == 0:
+        raise PipelineError(f"shards {list(paths)} hold no records")
+    ds = grain.MapDataset.source(source).map_with_index(_Decoder(paths, image_size))
+    return ds.shuffle(seed=seed).repeat()
+
+
+class _AddMasks(grain.transforms.RandomMap):
+    """iBOT block masks for the two global crops of every sample of a batch."""
+
+    def __init__(self, grid: tuple[int, int], probability: float, ratio_range: tuple[float, float]):
+        self._grid = tuple(grid)
+        self._probability = probability
+        self._ratio_range = tuple(ratio_range)
+
+    def random_map(self, batch: dict[str, np.ndarray], rng: np.random.Generator):
+        b = batch["pixels"].shape[0]
+        masks = masking.sample_masks(rng, 2 * b, self._grid, self._probability, self._ratio_range)
+        return {**batch, "masks": masks.reshape(b, 2, -1)}
+
+
+def host_dataset(
+    config: PipelineConfig,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.IterDataset:
+    """This process's stream of host batches (see the module docstring for the layout).
+
+    `process_index`/`process_count` default to JAX's; every process must use the same
+    config and seed, and each then reads a disjoint 1/P of every epoch.
+    """
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise PipelineError(f"process_index {process_index} not in [0, {process_count})")
+    config.validate(process_count)
+
+    if config.weights is None:
+        paths = [p for pattern in config.shards for p in expand_shards(pattern)]
+        ds = _dataset(paths, config.image_size, config.seed)
+    else:
+        parts = [
+            _dataset(expand_shards(pattern), config.image_size, (config.seed + i) % 2**32)
+            for i, pattern in enumerate(config.shards)
+        ]
+        ds = grain.MapDataset.mix(parts, list(config.weights))
+    ds = ds[process_index::process_count]
+    ds = ds.batch(config.batch_size // process_count, drop_remainder=True)
+    if config.mask_grid is not None:
+        ds = ds.random_map(
+            _AddMasks(config.mask_grid, config.mask_sample_probability, config.mask_ratio_range),
+            seed=config.seed,
+        )
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(
+        num_threads=config.read_threads, prefetch_buffer_size=max(1, 2 * config.read_threads)))
+    if config.num_workers > 0:
+        # Grain reads absl flags when it starts workers; outside an absl app nobody parsed
+        # them, so accept their defaults (an absl app has parsed them already).
+        if not absl_flags.FLAGS.is_parsed():
+            absl_flags.FLAGS.mark_as_parsed()
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=config.num_workers, per_worker_buffer_size=config.worker_buffer_size))
+    return it_ds
+
+
+def batch_sharding(mesh: Mesh, axes: Sequence[str] = ("data", "fsdp")) -> NamedSharding:
+    """Leading (batch) axis split over those of `axes` that the mesh has."""
+    present = tuple(a for a in axes if a in mesh.axis_names)
+    if not present:
+        raise PipelineError(f"mesh axes {mesh.axis_names} contain none of the batch axes {axes}")
+    return NamedSharding(mesh, PartitionSpec(present))
+
+
+class DeviceBatchIterator(grain.DatasetIterator):
+    """Host batches -> global sharded `jax.Array`s, `depth` batches ahead; checkpointable."""
+
+    def __init__(self, host_iter: grain.DatasetIterator, sharding: NamedSharding, depth: int = 2):
+        super().__init__(host_iter)
+        if depth < 1:
+            raise PipelineError(f"device prefetch depth must be >= 1, got {depth}")
+        self._host = host_iter
+        self._sharding = sharding
+        self._depth = depth
+        self._queue: collections.deque = collections.deque()
+        self._state = host_iter.get_state()
+
+    def _put(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return {
+            key: jax.make_array_from_process_local_data(self._sharding, np.asarray(value))
+            for key, value in batch.items()
+        }
+
+    def __next__(self) -> dict[str, jax.Array]:
+        while len(self._queue) < self._depth:
+            try:
+                batch = next(self._host)
+            except StopIteration:
+                break
+            self._queue.append((self._put(batch), self._host.get_state()))
+        if not self._queue:
+            raise StopIteration
+        arrays, self._state = self._queue.popleft()
+        return arrays
+
+    def get_state(self) -> dict[str, Any]:
+        """State after the last batch returned (prefetched batches are not counted)."""
+        return self._state
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._queue.clear()
+        self._host.set_state(state)
+        self._state = self._host.get_state()
+
+    def close(self) -> None:
+        self._queue.clear()
+        super().close()  # closes the host iterator and its worker processes
+
+
+def device_iterator(
+    config: PipelineConfig,
+    mesh: Mesh,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> DeviceBatchIterator:
+    """The training input: sharded device batches with a checkpointable position."""
+    host_iter = iter(host_dataset(config, process_index, process_count))
+    return DeviceBatchIterator(host_iter, batch_sharding(mesh), config.device_prefetch)
