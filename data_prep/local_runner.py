@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from braindino_jax.data import manifest, records, shards
 from braindino_jax.data.atomic_file import write_atomic
-from braindino_jax.data.dataset_card import build_card
+from braindino_jax.data.dataset_card import build_card, encode_card
 from braindino_jax.data.inputs import InputVolume, find_duplicates, is_excluded
 from braindino_jax.data.qc_montage import QcSampler
 from braindino_jax.preprocessing.config import PrepConfig
@@ -74,7 +74,7 @@ class RunOptions:
                 raise ConfigError(f"{name}: expected an integer >= 0, got {getattr(self, name)!r}")
 
 
-def plan(volumes: Sequence[InputVolume], exclusions: set[str]) -> tuple[list[tuple[int, InputVolume]], list[dict]]:
+def plan_tasks(volumes: Sequence[InputVolume], exclusions: set[str]) -> tuple[list[tuple[int, InputVolume]], list[dict]]:
     """Split the listing into (index, volume) tasks and rows for duplicates and excluded subjects."""
     tasks, skipped = [], []
     for index, (volume, first) in enumerate(zip(volumes, find_duplicates(volumes))):
@@ -206,9 +206,9 @@ def finalise(rows: list[dict], options: RunOptions, work_dir: Path) -> dict[str,
         for stale in shards.find_shard_files(out_dir, options.shard_prefix):
             stale.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest.write_manifest(out_dir / MANIFEST, rows)
+    write_atomic(out_dir / MANIFEST, manifest.encode_manifest(rows))
     card = build_card(rows, options.config, [p.name for p in shard_paths], shard_counts)
-    write_atomic(out_dir / DATASET_CARD, json.dumps(card, indent=2, ensure_ascii=False).encode())
+    write_atomic(out_dir / DATASET_CARD, encode_card(card))
     qc_dir = out_dir / QC_DIR
     if qc_dir.is_dir():
         shutil.rmtree(qc_dir)
@@ -226,7 +226,7 @@ def run_local(
     start = time.perf_counter()
     work_dir = Path(options.out_dir) / WORK_DIR
     work_dir.mkdir(parents=True, exist_ok=True)
-    tasks, skipped = plan(volumes, exclusions or set())
+    tasks, skipped = plan_tasks(volumes, exclusions or set())
     rows = skipped + _process_all(tasks, options, work_dir)
     result = finalise(rows, options, work_dir)
     if options.clean_work:
@@ -235,6 +235,7 @@ def run_local(
         result["rows"],
         out_dir=Path(options.out_dir),
         shard_paths=result["shards"],
+        shard_bytes=sum(p.stat().st_size for p in result["shards"]),
         qc_paths=result["qc"],
         seconds=time.perf_counter() - start,
     )

@@ -11,7 +11,7 @@ from braindino_jax.data import manifest
 
 @dataclasses.dataclass
 class RunSummary:
-    out_dir: Path
+    out_dir: Path | str
     listed: int
     ok: int
     failed: int
@@ -22,16 +22,17 @@ class RunSummary:
     shard_bytes: int
     seconds: float
     failures: list[tuple[str, str]]
-    shard_paths: list[Path]
-    qc_paths: list[Path]
+    shard_paths: list  # Path, or str for a remote (Beam) output
+    qc_paths: list
 
     @classmethod
     def from_rows(
         cls,
         rows: list[dict[str, Any]],
-        out_dir: Path,
-        shard_paths: list[Path],
-        qc_paths: list[Path],
+        out_dir: Path | str,
+        shard_paths: list,
+        shard_bytes: int,
+        qc_paths: list,
         seconds: float,
     ) -> "RunSummary":
         def count(status: str) -> int:
@@ -46,7 +47,7 @@ class RunSummary:
             duplicates=count(manifest.DUPLICATE),
             reused=sum(bool(r.get("reused")) for r in rows if r["status"] == manifest.OK),
             slices=sum(r["slices_kept"] for r in rows if r["status"] == manifest.OK),
-            shard_bytes=sum(p.stat().st_size for p in shard_paths),
+            shard_bytes=shard_bytes,
             seconds=seconds,
             failures=[(r["path"], r["reason"]) for r in rows if r["status"] == manifest.FAILED],
             shard_paths=list(shard_paths),
@@ -74,14 +75,22 @@ class RunSummary:
             f"{self.shard_bytes / 1e9:.3f} GB",
             f"time: {self.seconds:.1f} s, {rate:.2f} volumes/s, "
             f"{self.shard_bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0:.1f} MB/s written",
-            f"shards:   {self.shard_paths[0].parent}/ ({len(self.shard_paths)} files: "
-            f"{self.shard_paths[0].name} ...)" if self.shard_paths else "shards:   none written",
-            f"manifest: {self.out_dir / 'manifest.jsonl'}",
-            f"card:     {self.out_dir / 'dataset_card.json'}",
-            f"QC:       {self.qc_paths[0].parent}/ ({len(self.qc_paths)} montages)"
+            f"shards:   {_parent(self.shard_paths[0])}/ ({len(self.shard_paths)} files: "
+            f"{_name(self.shard_paths[0])} ...)" if self.shard_paths else "shards:   none written",
+            f"manifest: {self.out_dir}/manifest.jsonl",
+            f"card:     {self.out_dir}/dataset_card.json",
+            f"QC:       {_parent(self.qc_paths[0])}/ ({len(self.qc_paths)} montages)"
             if self.qc_paths else "QC:       none",
         ]
         if self.failures:
             lines.append(f"failures ({self.failed}):")
             lines.extend(f"  {path}: {reason}" for path, reason in self.failures)
         return "\n".join(lines)
+
+
+def _parent(path) -> str:
+    return str(path).rsplit("/", 1)[0]
+
+
+def _name(path) -> str:
+    return str(path).rsplit("/", 1)[-1]

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from braindino_jax.data import manifest, records
-from braindino_jax.data.inputs import InputVolume
+from braindino_jax.data.inputs import InputVolume, is_url
 from braindino_jax.preprocessing.config import PrepConfig
 from braindino_jax.preprocessing.errors import VolumeError
 from braindino_jax.preprocessing.volume import preprocess_volume
@@ -31,7 +31,8 @@ class VolumeResult:
 
 def volume_key(path: str) -> str:
     """Stable name for a volume's intermediate files: a hash of its real path."""
-    return hashlib.sha256(os.path.realpath(path).encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    real = path if is_url(path) else os.path.realpath(path)
+    return hashlib.sha256(real.encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
 
 def file_sha256(path: str) -> str:
@@ -83,22 +84,35 @@ def _pixel_stats(volumes: list) -> dict[str, int]:
     }
 
 
-def prepare_volume(index: int, volume: InputVolume, config: PrepConfig, sha256: str | None = None) -> VolumeResult:
-    """Preprocess one input file into encoded records; failures come back as a failed row."""
+def prepare_volume(
+    index: int,
+    volume: InputVolume,
+    config: PrepConfig,
+    sha256: str | None = None,
+    local_path: str | None = None,
+) -> VolumeResult:
+    """Preprocess one input file into encoded records; failures come back as a failed row.
+
+    `local_path` is where the file is read when `volume.path` is remote (a copy made by the
+    Beam runner); records and the manifest keep `volume.path`.
+    """
     start = time.perf_counter()
+    read_path = local_path or volume.path
     row = base_row(index, volume, manifest.OK)
     timings = row["timings"]
     try:
-        row["sha256"] = sha256 or file_sha256(volume.path)
+        row["sha256"] = sha256 or file_sha256(read_path)
     except OSError as exc:
+        if os.path.islink(volume.path) and not os.path.exists(volume.path):
+            return _failed(row, f"dangling symbolic link to {os.readlink(volume.path)}", start)
         return _failed(row, f"cannot read file: {exc.strerror or exc}", start)
     timings["hash_s"] = time.perf_counter() - start
 
     t = time.perf_counter()
     try:
-        prepared = preprocess_volume(volume.path, config)
+        prepared = preprocess_volume(read_path, config)
     except VolumeError as exc:
-        return _failed(row, exc.reason, start)
+        return _failed(row, exc.reason, start)  # the row already names the file
     except Exception as exc:  # a bug or an unforeseen file must not stop the whole job
         return _failed(row, f"unexpected {type(exc).__name__}: {exc}", start)
     timings["preprocess_s"] = time.perf_counter() - t

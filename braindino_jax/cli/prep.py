@@ -14,7 +14,14 @@ import shutil
 import sys
 from pathlib import Path
 
-from braindino_jax.data.inputs import DEFAULT_PATTERNS, InputError, discover, read_csv, read_exclusions
+from braindino_jax.data.inputs import (
+    DEFAULT_PATTERNS,
+    InputError,
+    InputVolume,
+    discover,
+    read_csv,
+    read_exclusions,
+)
 from braindino_jax.preprocessing.config import PrepConfig
 from braindino_jax.preprocessing.errors import ConfigError
 from data_prep.local_runner import RunOptions, run_local
@@ -56,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Prepare brain-MRI volumes as axial-slice ArrayRecord shards, with a manifest, "
         "a dataset card and QC montages. Re-running the same command resumes an interrupted run.",
     )
-    p.add_argument("--out", required=True, type=Path, help="output folder for shards, manifest, card and qc/")
+    p.add_argument("--out", required=True, help="output folder for shards, manifest, card and qc/")
     src = p.add_argument_group("inputs")
     src.add_argument("--demo", action="store_true",
                      help="write the built-in demo phantoms to OUT/demo_inputs and prepare them")
@@ -113,11 +120,11 @@ def _write_demo_inputs(out_dir: Path) -> list[str]:
     return [f"{d.name}={d}" for d in sorted(target.iterdir()) if d.is_dir()]
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def options_from_args(args: argparse.Namespace) -> RunOptions:
+    """Run options and preprocessing config from parsed flags (validated by the caller)."""
     kind, target = args.shard_size
-    options = RunOptions(
-        out_dir=args.out,
+    return RunOptions(
+        out_dir=Path(args.out),
         config=PrepConfig(
             target_spacing=args.spacing,
             interpolation=args.interpolation,
@@ -141,21 +148,29 @@ def main(argv: list[str] | None = None) -> int:
         progress=not args.no_progress,
         clean_work=args.clean_work,
     )
+
+
+def inputs_from_args(args: argparse.Namespace) -> tuple[list[InputVolume], set[str]]:
+    """The listed volumes and the excluded subjects; raises InputError on a bad listing."""
+    if sum([args.demo, bool(args.root), args.csv is not None]) != 1:
+        raise InputError("give exactly one input source: --demo, --root (repeatable) or --csv")
+    if args.csv is not None:
+        volumes = read_csv(args.csv, args.modality)
+    else:
+        if args.demo:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+        roots = _write_demo_inputs(Path(args.out)) if args.demo else args.root
+        volumes = discover(roots, args.pattern or DEFAULT_PATTERNS, args.modality)
+    exclusions = read_exclusions(args.exclude_subjects) if args.exclude_subjects else set()
+    return volumes, exclusions
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    options = options_from_args(args)
     try:
         options.validate()
-        if sum([args.demo, bool(args.root), args.csv is not None]) != 1:
-            raise InputError("give exactly one input source: --demo, --root (repeatable) or --csv")
-        if args.demo:
-            args.out.mkdir(parents=True, exist_ok=True)
-            roots = _write_demo_inputs(args.out)
-        else:
-            roots = args.root
-        patterns = args.pattern or DEFAULT_PATTERNS
-        if args.csv is not None:
-            volumes = read_csv(args.csv, args.modality)
-        else:
-            volumes = discover(roots, patterns, args.modality)
-        exclusions = read_exclusions(args.exclude_subjects) if args.exclude_subjects else set()
+        volumes, exclusions = inputs_from_args(args)
         summary = run_local(volumes, options, exclusions)
     except (ConfigError, InputError) as exc:
         print(f"braindino-prep: error: {exc}", file=sys.stderr)

@@ -5,7 +5,8 @@ random happens here, inside `jit`, so a host with few cores per chip never starv
 
 Per sample, in this order (all in float32):
   1. random-resized crops (torchvision semantics, continuous boxes) of the slice and of its
-     foreground mask, resampled with `jax.image.scale_and_translate`;
+     foreground mask, resampled with `jax.image.scale_and_translate` and normalised by the
+     resampled mask (as is the blur), so the brain's edge is not darkened by background;
   2. a left-right flip;
   3. a smooth multiplicative bias field, shared by all crops of a sample (it is a property of
      the scan) and evaluated at each crop's slice coordinates;
@@ -206,10 +207,17 @@ def _blur_matrix(size: int, sigma: jax.Array, radius: int) -> jax.Array:
     return jnp.einsum("itj,t->ij", one_hot, kernel)
 
 
-def _gaussian_blur(image: jax.Array, sigma: jax.Array, radius: int) -> jax.Array:
-    """Separable Gaussian blur of a square [S, S] image with reflect padding."""
+def _masked_blur(image: jax.Array, fg: jax.Array, sigma: jax.Array, radius: int) -> jax.Array:
+    """Separable Gaussian blur of a square [S, S] image over its foreground only.
+
+    Normalised convolution, blur(image * fg) / blur(fg), so the background does not darken
+    the brain's edge; reflect padding at the crop border.
+    """
     matrix = _blur_matrix(image.shape[0], sigma, radius)
-    return matrix @ image @ matrix.T
+    weight = fg.astype(jnp.float32)
+    blurred = matrix @ (image * weight) @ matrix.T
+    coverage = matrix @ weight @ matrix.T
+    return jnp.where(fg, blurred / jnp.maximum(coverage, 1e-6), image)
 
 
 def _augment_crop(
@@ -235,7 +243,11 @@ def _augment_crop(
         return lo + (hi - lo) * x
 
     crop = crop_resize(stacked, box, size, config.interpolation)
-    r, fg = crop[..., 0], crop[..., 1] >= 0.5
+    # Normalised resampling: dividing by the resampled mask keeps the brain's edge at its
+    # own intensity instead of mixing in background zeros (a dark rim never seen at test time).
+    coverage = crop[..., 1]
+    fg = coverage >= 0.5
+    r = jnp.where(fg, crop[..., 0] / jnp.maximum(coverage, 0.5), 0.0)
 
     r = r * _bias_field(bias_coeffs, box, size, height, width, config.bias_field_order)
 
@@ -251,7 +263,7 @@ def _augment_crop(
 
     sigma = between(u[5], config.blur_sigma[0], config.blur_sigma[1])
     radius = max(1, min(int(math.ceil(3 * config.blur_sigma[1])), size - 1))
-    r = jnp.where(u[6] < blur_prob, _gaussian_blur(r, sigma, radius), r)
+    r = jnp.where(u[6] < blur_prob, _masked_blur(r, fg, sigma, radius), r)
 
     noise_std = between(u[7], config.noise_std[0], config.noise_std[1])
     noisy = r + noise_std * jax.random.normal(k_noise, r.shape, jnp.float32)

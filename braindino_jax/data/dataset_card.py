@@ -6,6 +6,7 @@ produce the same card, and a probe can re-apply the recorded preprocessing confi
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from typing import Any
@@ -77,3 +78,7 @@ def build_card(
         "per_dataset": {name: _totals(group) for name, group in sorted(by_dataset.items())},
         "per_modality": {name: _totals(group) for name, group in sorted(by_modality.items())},
     }
+
+
+def encode_card(card: dict[str, Any]) -> bytes:
+    return json.dumps(card, indent=2, ensure_ascii=False).encode("utf-8")

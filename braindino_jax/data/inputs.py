@@ -36,6 +36,11 @@ class InputVolume:
     modality: str
 
 
+def is_url(path: str) -> bool:
+    """`gs://...`, `s3://...`: read through Apache Beam's file systems, not the local disk."""
+    return re.match(r"^[a-z][a-z0-9+.-]*://", path) is not None
+
+
 def strip_volume_extension(name: str) -> str:
     for ext in VOLUME_EXTENSIONS:
         if name.lower().endswith(ext):
@@ -76,7 +81,7 @@ def parse_bids_name(path: str | os.PathLike) -> dict[str, str]:
 def _metadata(path: str, dataset: str, default_modality: str, given: dict[str, str]) -> InputVolume:
     bids = parse_bids_name(path)
     return InputVolume(
-        path=path,
+        path=path if is_url(path) else os.path.abspath(path),
         dataset=given.get("dataset") or dataset,
         subject=given.get("subject") or bids.get("subject") or strip_volume_extension(Path(path).name),
         session=given.get("session") or bids.get("session", ""),
@@ -139,7 +144,7 @@ def read_csv(csv_path: str | os.PathLike, default_modality: str = "unknown") -> 
         raw = (row.get("path") or "").strip()
         if not raw:
             raise InputError(f"{csv_path}:{line}: empty 'path'")
-        path = raw if os.path.isabs(raw) else str(csv_path.parent / raw)
+        path = raw if os.path.isabs(raw) or is_url(raw) else str(csv_path.parent / raw)
         given = {k: (row.get(k) or "").strip() for k in CSV_COLUMNS[1:]}
         volumes.append(_metadata(path, csv_path.stem, default_modality, given))
     if not volumes:

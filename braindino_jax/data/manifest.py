@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
-from braindino_jax.data.atomic_file import write_atomic
 
 OK = "ok"
 FAILED = "failed"
@@ -21,22 +19,27 @@ DUPLICATE = "skipped-duplicate"
 STATUSES = (OK, FAILED, EXCLUDED, DUPLICATE)
 
 
-def write_manifest(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> None:
-    lines = [json.dumps(row, sort_keys=True, ensure_ascii=False) for row in rows]
-    write_atomic(path, ("\n".join(lines) + "\n" if lines else "").encode("utf-8"))
+def encode_manifest(rows: Iterable[dict[str, Any]]) -> bytes:
+    """JSON Lines bytes, one row per volume, keys sorted."""
+    return "".join(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+
+
+def decode_manifest(data: bytes, source: str = "manifest") -> list[dict[str, Any]]:
+    """Rows of JSON Lines bytes; `source` names the file in errors."""
+    rows = []
+    for line_no, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{source}:{line_no}: not a JSON row: {exc}") from exc
+        if not isinstance(row, dict) or row.get("status") not in STATUSES:
+            raise ValueError(f"{source}:{line_no}: not a manifest row with a known status")
+        rows.append(row)
+    return rows
 
 
 def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_no}: not a JSON row: {exc}") from exc
-            if row.get("status") not in STATUSES:
-                raise ValueError(f"{path}:{line_no}: unknown status {row.get('status')!r}")
-            rows.append(row)
-    return rows
+    with open(path, "rb") as f:
+        return decode_manifest(f.read(), os.fspath(path))

@@ -52,7 +52,7 @@ class QcSampler:
         fraction = foreground_fraction(record.pixels)
         heap = self._samples.setdefault(record.dataset, [])
         self._push(heap, self.per_dataset, (-rank, key, label, record.pixels))
-        self._push(self._worst, self.worst, (-fraction, -rank, key, f"{record.dataset} {label}", record.pixels))
+        self._push(self._worst, self.worst, (-fraction, -rank, key, f"{record.dataset}/{label}", record.pixels))
 
     @staticmethod
     def _push(heap: list, capacity: int, entry: tuple) -> None:

@@ -1,0 +1,227 @@
+"""The local runner end to end: bad inputs, shards vs. preprocess_volume, resume after a crash."""
+
+import gzip
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import grain
+import nibabel as nib
+import numpy as np
+import pytest
+
+from braindino_jax.cli import prep
+from braindino_jax.data import manifest, records, shards
+from braindino_jax.preprocessing.config import PrepConfig
+from braindino_jax.preprocessing.phantom import write_phantom
+from braindino_jax.preprocessing.volume import preprocess_volume
+from braindino_jax.data.inputs import InputVolume
+from data_prep import local_runner
+from data_prep.volume_task import prepare_volume
+
+SMALL = ["--spacing", "none", "--size", "32", "--margin", "2", "--no-progress"]
+CONFIG = PrepConfig(target_spacing=None, size=32, margin=2)
+
+
+def _write_good(folder: Path, n: int) -> list[Path]:
+    orientations = ["RAS", "LPS", "PIR", "LAS", "RPI", "ASL"]
+    return [
+        write_phantom(folder / f"sub-{i:02d}" / "anat" / f"sub-{i:02d}_T1w.nii.gz", i,
+                      spacing=(4.0, 4.0, 4.0), orientation=orientations[i % 6], skull_stripped=True)[0]
+        for i in range(n)
+    ]
+
+
+def _shard_records(out: Path) -> list[list[records.SliceRecord]]:
+    """Every shard's records, read the way training reads them (Grain)."""
+    out_shards = []
+    for path in shards.list_shards(out, "slices"):
+        source = grain.sources.ArrayRecordDataSource([str(path)])
+        out_shards.append([records.decode(source[i]) for i in range(len(source))])
+    return out_shards
+
+
+def _expected_records(path: Path, dataset: str, subject: str) -> list[records.SliceRecord]:
+    """What the shards must hold for a volume, straight from preprocess_volume."""
+    out = []
+    for vol in preprocess_volume(path, CONFIG):
+        for pixels, index in zip(vol.slices, vol.slice_indices):
+            out.append(records.SliceRecord(
+                pixels=pixels, dataset=dataset, subject=subject, session="", modality="T1w",
+                source_path=str(path), slice_index=int(index), n_slices=vol.n_slices,
+                spacing=vol.spacing, fg_mean=vol.fg_mean, fg_std=vol.fg_std, volume_index=vol.volume_index))
+    return out
+
+
+BAD_CASES = {
+    "sub-90_T1w.nii.gz": "truncated",
+    "sub-91_T1w.nii.gz": "corrupt",
+    "sub-92_T1w.nii": "do not match the header",
+    "sub-93_T1w.nii.gz": "2D",
+    "sub-94_T1w.nii.gz": "5D",
+    "sub-95_T1w.nii.gz": "zero",
+    "sub-96_T1w.nii.gz": "NaN",
+    "sub-97_T1w.nii": "not a readable NIfTI",
+    "sub-98_T1w.nii.gz": "dangling symbolic link",
+}
+
+
+@pytest.fixture(scope="module")
+def mixed_run(tmp_path_factory):
+    """One run over a folder mixing 3 good volumes with every kind of bad input."""
+    root = tmp_path_factory.mktemp("mixed")
+    inputs = root / "in"
+    good = _write_good(inputs, 3)
+    bad = inputs / "bad"
+    bad.mkdir()
+    data = good[0].read_bytes()
+    (bad / "sub-90_T1w.nii.gz").write_bytes(data[: len(data) // 2])
+    corrupt = bytearray(data)
+    corrupt[200:264] = b"\xff" * 64  # breaks the deflate stream itself
+    (bad / "sub-91_T1w.nii.gz").write_bytes(bytes(corrupt))
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.int16), np.eye(4)), bad / "sub-92_T1w.nii")
+    header = bytearray((bad / "sub-92_T1w.nii").read_bytes())
+    header[46:48] = np.int16(16).tobytes()  # dim[3] = 16: the header now wants twice the data
+    (bad / "sub-92_T1w.nii").write_bytes(bytes(header))
+    nib.save(nib.Nifti1Image(np.ones((16, 16), np.float32), np.eye(4)), bad / "sub-93_T1w.nii.gz")
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8, 2, 2), np.float32), np.eye(4)), bad / "sub-94_T1w.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 16), np.int16), np.eye(4)), bad / "sub-95_T1w.nii.gz")
+    nib.save(nib.Nifti1Image(np.full((16, 16, 16), np.nan, np.float32), np.eye(4)), bad / "sub-96_T1w.nii.gz")
+    (bad / "sub-97_T1w.nii").write_text("not a NIfTI file\n" * 30)
+    os.symlink(bad / "missing" / "gone.nii.gz", bad / "sub-98_T1w.nii.gz")  # unreadable
+    os.symlink(good[1], inputs / "zz-duplicate_T1w.nii.gz")  # the same file listed twice
+    out = root / "out"
+    return {"good": good, "inputs": inputs, "out": out}
+
+
+def test_bad_inputs_are_recorded_and_good_volumes_kept(mixed_run, capsys):
+    out, good = mixed_run["out"], mixed_run["good"]
+    argv = ["--root", f"ds={mixed_run['inputs']}", "--out", str(out), "--workers", "2", *SMALL]
+    assert prep.main(argv) == 1  # 9 of 12 attempted volumes failed, above the default 0.2
+    printed = capsys.readouterr().out
+
+    rows = manifest.read_manifest(out / "manifest.jsonl")
+    by_name = {Path(r["path"]).name: r for r in rows}
+    assert len(rows) == 13
+    for name, reason in BAD_CASES.items():
+        row = by_name[name]
+        assert row["status"] == manifest.FAILED, name
+        assert reason.lower() in row["reason"].lower(), (name, row["reason"])
+        assert f"{row['path']}: {row['reason']}" in printed
+    duplicate = by_name["zz-duplicate_T1w.nii.gz"]
+    assert duplicate["status"] == manifest.DUPLICATE and str(good[1]) in duplicate["reason"]
+    assert "3 ok" in printed and "9 failed" in printed and "1 duplicate" in printed
+
+    # Every good volume's slices are in the shards, exactly as preprocess_volume made them.
+    got = Counter(records.encode(r) for shard in _shard_records(out) for r in shard)
+    expected = Counter()
+    for i, path in enumerate(good):
+        want = _expected_records(path, "ds", f"sub-{i:02d}")
+        assert by_name[path.name]["status"] == manifest.OK
+        assert by_name[path.name]["slices_kept"] == len(want) > 0
+        expected.update(records.encode(r) for r in want)
+    assert got == expected
+
+    card = json.loads((out / "dataset_card.json").read_text())
+    assert card["totals"]["volumes"] == {"ok": 3, "failed": 9, "skipped-excluded": 0, "skipped-duplicate": 1}
+    assert card["totals"]["slices"] == sum(expected.values())
+    assert card["preprocessing"] == CONFIG.to_dict()
+    assert (out / "qc" / "sample_ds.png").is_file() and (out / "qc" / "worst_foreground.png").is_file()
+
+    # A tolerant re-run reuses the good volumes, retries the failures and exits 0.
+    assert prep.main(argv + ["--max-failure-fraction", "1.0"]) == 0
+    assert "(3 reused from an earlier run)" in capsys.readouterr().out
+    assert Counter(records.encode(r) for shard in _shard_records(out) for r in shard) == expected
+
+
+@pytest.mark.xfail(strict=True, reason="preprocessing/loading.py stops reading a .nii.gz before the "
+                   "gzip trailer, so a wrong CRC32 goes unnoticed (reported to its owner)")
+def test_corrupt_gzip_with_valid_deflate_is_refused(mixed_run, tmp_path):
+    """A gzip member whose data decode but whose CRC is wrong is still corrupt."""
+    data = bytearray(mixed_run["good"][0].read_bytes())
+    body = gzip.decompress(bytes(data))
+    bad = bytearray(gzip.compress(body, mtime=0))
+    bad[-8] ^= 0xFF  # CRC32 of the trailer
+    path = tmp_path / "sub-01_T1w.nii.gz"
+    path.write_bytes(bytes(bad))
+    result = prepare_volume(0, InputVolume(str(path), "ds", "sub-01", "", "T1w"), CONFIG)
+    assert result.row["status"] == manifest.FAILED and result.records == []
+
+
+def test_empty_input_directory_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code = prep.main(["--root", str(tmp_path / "empty"), "--out", str(tmp_path / "out"), *SMALL])
+    assert code == 2
+    assert "no input volumes found" in capsys.readouterr().err
+    assert not list((tmp_path / "out").glob("slices-*"))
+
+
+def test_bad_options_name_the_field(tmp_path, capsys):
+    root = tmp_path / "in"
+    root.mkdir()
+    assert prep.main(["--root", str(root), "--out", str(tmp_path / "o"), "--size", "4"]) == 2
+    assert "PrepConfig.size" in capsys.readouterr().err
+    assert prep.main(["--root", str(root), "--out", str(tmp_path / "o"), "--workers", "0"]) == 2
+    assert "workers" in capsys.readouterr().err
+
+
+def test_resume_after_crash_writes_the_same_shards(tmp_path, monkeypatch, capsys):
+    """Crash after 2 of 5 volumes (and leave stray temp files); the re-run matches a clean run."""
+    inputs = tmp_path / "in"
+    _write_good(inputs, 5)
+    base = ["--root", f"ds={inputs}", "--workers", "1", "--shard-size", "7", *SMALL]
+
+    assert prep.main(base + ["--out", str(tmp_path / "clean")]) == 0
+
+    calls = []
+    real = local_runner.process_cached
+
+    def crash_after_two(*args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what Ctrl-C in the middle of the third volume looks like
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(local_runner, "process_cached", crash_after_two)
+    resumed = tmp_path / "resumed"
+    assert prep.main(base + ["--out", str(resumed)]) == 130
+    assert not (resumed / "manifest.jsonl").exists()
+    assert len(list((resumed / "_work").glob("*.json"))) == 2
+    (resumed / "_work" / ".half-written.array_record.tmp-999").write_bytes(b"partial")
+    (resumed / ".slices-00000-of-00009.array_record.tmp-999").write_bytes(b"partial")
+
+    monkeypatch.setattr(local_runner, "process_cached", real)
+    capsys.readouterr()
+    assert prep.main(base + ["--out", str(resumed)]) == 0
+    assert "5 ok (2 reused from an earlier run)" in capsys.readouterr().out
+
+    clean_shards, resumed_shards = _shard_records(tmp_path / "clean"), _shard_records(resumed)
+    assert len(clean_shards) == len(resumed_shards) > 1
+    assert resumed_shards == clean_shards
+    sizes = [len(s) for s in clean_shards]
+    assert max(sizes) - min(sizes) <= 1 and max(sizes) <= 7
+    assert [p.name for p in shards.list_shards(resumed, "slices")] == [
+        p.name for p in shards.list_shards(tmp_path / "clean", "slices")]
+
+
+def test_subject_exclusion_and_changed_inputs(tmp_path, capsys):
+    inputs = tmp_path / "in"
+    paths = _write_good(inputs, 3)
+    exclude = tmp_path / "eval_subjects.txt"
+    exclude.write_text("# held-out evaluation subjects\nds/sub-01\n")
+    argv = ["--root", f"ds={inputs}", "--out", str(tmp_path / "out"), "--workers", "1",
+            "--exclude-subjects", str(exclude), *SMALL]
+    assert prep.main(argv) == 0
+    rows = manifest.read_manifest(tmp_path / "out" / "manifest.jsonl")
+    assert [r["status"] for r in rows] == [manifest.OK, manifest.EXCLUDED, manifest.OK]
+    assert {r.subject for s in _shard_records(tmp_path / "out") for r in s} == {"sub-00", "sub-02"}
+
+    # A volume whose bytes changed is prepared again; the others are reused.
+    write_phantom(paths[2], 42, spacing=(4.0, 4.0, 4.0), skull_stripped=True)
+    capsys.readouterr()
+    assert prep.main(argv) == 0
+    assert "(1 reused from an earlier run)" in capsys.readouterr().out
+    want = Counter(records.encode(r) for r in _expected_records(paths[2], "ds", "sub-02"))
+    got = Counter(records.encode(r) for s in _shard_records(tmp_path / "out") for r in s if r.subject == "sub-02")
+    assert got == want
