@@ -77,6 +77,8 @@ def _shard_plan(counts: list[tuple[int, int, int]], options: RunOptions) -> dict
 
 
 def _assign(result: VolumeResult, plan: dict[str, Any]) -> Iterator[tuple[int, tuple[int, int, bytes]]]:
+    if result.row["status"] != manifest.OK:
+        return
     offset = plan["offsets"][result.row["index"]]
     for j, data in enumerate(result.records):
         yield shards.shard_of(offset, j, plan["n_shards"]), (offset, j, data)
