@@ -43,18 +43,31 @@ def zero_nonfinite(data: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, int
     return np.where(finite, data, np.float32(0)), finite, count
 
 
+def percentiles_inplace(values: np.ndarray, qs: tuple[float, ...]) -> tuple[float, ...]:
+    """np.percentile's default ("linear") estimate, using one in-place partition, no copy."""
+    positions = [q / 100.0 * (values.size - 1) for q in qs]
+    kth = sorted({int(np.floor(p)) for p in positions} | {int(np.ceil(p)) for p in positions})
+    values.partition(kth)
+    out = []
+    for p in positions:
+        below, above = float(values[int(np.floor(p))]), float(values[int(np.ceil(p))])
+        out.append(below + (above - below) * (p - np.floor(p)))
+    return tuple(out)
+
+
 def fit_intensity_scale(values: np.ndarray, clip_percentiles: tuple[float, float]) -> IntensityScale:
     """Percentiles and clipped moments of the foreground ``values`` (1D float32, finite).
 
-    Raises ValueError when the clip range is empty (a constant foreground has no contrast).
+    ``values`` is reordered in place (it is the caller's scratch copy). Raises ValueError when
+    the clip range is empty (a constant foreground has no contrast).
     """
-    lo, hi = (float(v) for v in np.percentile(values, clip_percentiles))
+    lo, hi = percentiles_inplace(values, clip_percentiles)
     if not hi > lo:
         raise ValueError(
             f"foreground intensity is constant between the {clip_percentiles[0]} and "
             f"{clip_percentiles[1]} percentiles ({lo:g}); nothing to scale"
         )
-    clipped = np.clip(values, np.float32(lo), np.float32(hi))
+    clipped = np.clip(values, np.float32(lo), np.float32(hi), out=values)
     mean = float(np.mean(clipped, dtype=np.float64))
     clipped -= np.float32(mean)
     std = float(np.sqrt(np.mean(np.square(clipped), dtype=np.float64)))

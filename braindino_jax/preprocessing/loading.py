@@ -112,10 +112,21 @@ def load_volume(path: str | os.PathLike) -> LoadedVolume:
 
 
 def _to_float32(raw: np.ndarray, slope: float, inter: float) -> np.ndarray:
-    """Apply scl_slope/scl_inter in float32 without a float64 copy of the volume."""
-    out = raw.astype(np.float32, copy=raw.dtype != np.float32 or not raw.flags.writeable)
-    if slope != 1.0:
+    """Apply scl_slope/scl_inter in float32 without a float64 copy of the volume.
+
+    With an intercept, ``raw * slope + inter`` in float32 can turn the stored value meaning
+    exactly 0 (skull-stripped background) into rounding noise. When that stored value is an
+    integer z, computing ``(raw - z) * slope`` instead keeps it exactly 0.
+    """
+    if inter == 0.0:
+        if slope == 1.0:
+            return raw.astype(np.float32, copy=raw.dtype != np.float32 or not raw.flags.writeable)
+        return np.multiply(raw, np.float32(slope), dtype=np.float32)
+    zero = -inter / slope
+    if raw.dtype.kind in "iu" and zero == round(zero):
+        out = np.subtract(raw, np.float32(zero), dtype=np.float32)
         out *= np.float32(slope)
-    if inter != 0.0:
-        out += np.float32(inter)
+        return out
+    out = np.multiply(raw, np.float32(slope), dtype=np.float32)
+    out += np.float32(inter)
     return out

@@ -84,10 +84,10 @@ def _prepare_3d(
     data, affine = to_canonical(vol, loaded.affine)
     if finite is not None:
         finite = to_canonical(finite, loaded.affine)[0]
-    if not data.any():
-        raise VolumeError(path, f"all voxels are zero{where}")
     mask = foreground_mask(data, config.mask_method, config.mask_percentile, finite)
     if not mask.any():
+        if not data.any():
+            raise VolumeError(path, f"all voxels are zero{where}")
         raise VolumeError(path, f"no foreground voxels with mask_method={config.mask_method!r}{where}")
 
     if needs_resampling(affine, config.target_spacing):
@@ -106,15 +106,20 @@ def _prepare_3d(
             f"no axial slice has a foreground fraction >= {config.min_foreground_fraction} "
             f"(largest is {fractions.max():.4f}){where}",
         )
+    # Everything below reads only the foreground box (plus the in-plane margin): a brain fills
+    # a fraction of the field of view, and boolean gathers over the full volume dominate cost.
+    box = _foreground_box(mask, fractions, config.margin)
+    data, mask = data[box], mask[box]
     try:
         scale = fit_intensity_scale(data[mask], config.clip_percentiles)
     except ValueError as exc:
         raise VolumeError(path, f"{exc}{where}") from exc
 
+    n_axial = len(fractions)
     return PreparedVolume(
-        slices=_frame_slices(data, mask, kept, scale, config),
+        slices=_frame_slices(data, mask, kept - box[2].start, scale, config),
         slice_indices=kept,
-        n_slices=int(data.shape[2]),
+        n_slices=n_axial,
         spacing=voxel_spacing(affine),
         fg_mean=scale.fg_mean,
         fg_std=scale.fg_std,
@@ -122,15 +127,29 @@ def _prepare_3d(
         source_spacing=loaded.spacing,
         orientation=orientation,
         nan_count=nan_count,
-        slices_dropped=int(data.shape[2] - np.unique(kept).size),
+        slices_dropped=n_axial - int(np.unique(kept).size),
         volume_index=volume_index,
+    )
+
+
+def _foreground_box(mask: np.ndarray, fractions: np.ndarray, margin: int) -> tuple[slice, slice, slice]:
+    """Index box of all foreground voxels, widened in-plane by ``margin`` (clipped)."""
+    zs = np.flatnonzero(fractions)
+    axial = slice(int(zs[0]), int(zs[-1]) + 1)
+    footprint = mask[:, :, axial].any(axis=2)
+    xs, ys = np.flatnonzero(footprint.any(axis=1)), np.flatnonzero(footprint.any(axis=0))
+    nx, ny = footprint.shape
+    return (
+        slice(max(int(xs[0]) - margin, 0), min(int(xs[-1]) + 1 + margin, nx)),
+        slice(max(int(ys[0]) - margin, 0), min(int(ys[-1]) + 1 + margin, ny)),
+        axial,
     )
 
 
 def _frame_slices(
     data: np.ndarray, mask: np.ndarray, kept: np.ndarray, scale: IntensityScale, config: PrepConfig
 ) -> np.ndarray:
-    """Kept slices in display orientation, cropped to the foreground box, as uint8 squares.
+    """Kept slices (indices into ``data``'s last axis) in display orientation, as uint8 squares.
 
     Display orientation is ``canonical[:, ::-1, k].T``: rows run anterior → posterior, columns
     patient left → right. The box is the union over the kept slab, so every slice of a volume
