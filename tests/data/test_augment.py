@@ -116,17 +116,19 @@ def test_resized_crop_matches_pil(slices, identity_out):
 
     r = pil_resize(u / 255.0)
     mask = pil_resize(fg.astype(np.float64))
-    expected = np.where(mask >= 0.5, (255 * r - mean) / std, 0.0)
+    # Normalised resampling: intensities divided by the resampled mask on the foreground.
+    expected = np.where(mask >= 0.5, (255 * r / np.maximum(mask, 0.5) - mean) / std, 0.0)
     clear = np.abs(mask - 0.5) > 1e-3  # pixels whose fg/bg decision is not a rounding tie
     np.testing.assert_allclose(identity_out["local"][0][clear], expected[clear], atol=1e-4)
 
 
-def test_blur_applies_with_probability_one_on_global_crop_1(slices, identity_out):
+def test_foreground_blur_applies_with_probability_one_on_global_crop_1(slices, identity_out):
     _, fg, _, mean, std = slices
     sharp = identity_out["global"][1]
     r = np.where(fg, (sharp * std + mean) / 255.0, 0.0)
     radius = math.ceil(3 * 1.5)
-    blurred = scipy.ndimage.gaussian_filter(r, 1.5, mode="mirror", truncate=radius / 1.5)
+    blur = lambda a: scipy.ndimage.gaussian_filter(a, 1.5, mode="mirror", truncate=radius / 1.5)
+    blurred = blur(r * fg) / np.maximum(blur(fg.astype(np.float64)), 1e-6)  # foreground only
     expected = np.where(fg, (255 * blurred - mean) / std, 0.0)
     np.testing.assert_allclose(identity_out["global"][0], expected, atol=1e-4)
 
