@@ -71,8 +71,12 @@ def load_volume(path: str | os.PathLike) -> LoadedVolume:
         raise VolumeError(path, f"corrupt compressed stream while reading the header: {exc}") from exc
     except (OSError, ValueError) as exc:
         raise VolumeError(path, f"cannot read the header: {exc}") from exc
-    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image, nib.AnalyzeImage)):
+    if not isinstance(img, nib.AnalyzeImage):  # base of every NIfTI-1/2 image and pair
         raise VolumeError(path, f"{type(img).__name__} is not a NIfTI or Analyze image")
+
+    data_file = img.file_map["image"].filename
+    if data_file is not None and not Path(data_file).is_file():
+        raise VolumeError(path, f"the paired data file {data_file} does not exist")
 
     header_shape = tuple(int(n) for n in img.shape)
     shape = _squeeze_trailing(header_shape)
