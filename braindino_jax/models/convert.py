@@ -20,6 +20,7 @@ trip restores execution settings too.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -403,7 +404,7 @@ def meta_to_backbone(state: Mapping[str, np.ndarray], config: ViTConfig) -> Visi
 def backbone_to_meta(model: VisionTransformer) -> StateDict:
     """Meta DINOv3 state dict (numpy float32, PyTorch layouts) of a Flax backbone."""
     c = model.config
-    pure = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+    pure = jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(model)))
     out: StateDict = {}
     for key, path, layout in _top_table(c):
         out[key] = _to_torch(_get(pure, path), layout)
@@ -493,10 +494,10 @@ def head_to_torch(head: DINOHead) -> StateDict:
     c = head.config
     out: StateDict = {}
     for i, layer in enumerate(head.mlp):
-        out[f"mlp.{2 * i}.weight"] = np.asarray(layer.kernel[...]).T
+        out[f"mlp.{2 * i}.weight"] = np.array(layer.kernel[...]).T
         if c.mlp_bias:
-            out[f"mlp.{2 * i}.bias"] = np.asarray(layer.bias[...])
-    last = np.asarray(head.last_layer[...]).T
+            out[f"mlp.{2 * i}.bias"] = np.array(layer.bias[...])
+    last = np.array(head.last_layer[...]).T
     if c.weight_norm:
         out["last_layer.weight_g"] = np.ones((c.out_dim, 1), np.float32)
         out["last_layer.weight_v"] = last
@@ -565,3 +566,52 @@ def export_backbone(
     metadata = {CONFIG_METADATA_KEY: json.dumps(model.config.to_dict()), "format": "dinov3-meta"}
     save_safetensors(state, path, metadata)
     return state
+
+
+# ----------------------------------------------------------------------------------------------
+# Flax side on disk: an Orbax checkpoint of the backbone (and heads) plus their configs as JSON
+
+
+def save_flax_checkpoint(
+    directory: str | os.PathLike, model: VisionTransformer, heads: Mapping[str, DINOHead] | None = None
+) -> None:
+    """Write ``directory/config.json`` and an Orbax checkpoint ``directory/state``."""
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(os.fspath(directory))
+    os.makedirs(directory, exist_ok=True)
+    heads = dict(heads or {})
+    configs = {"backbone": model.config.to_dict()}
+    configs.update({name: dataclasses.asdict(h.config) for name, h in heads.items()})
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(configs, f, indent=2)
+    tree = {"backbone": nnx.to_pure_dict(nnx.state(model))}
+    tree.update({name: nnx.to_pure_dict(nnx.state(h)) for name, h in heads.items()})
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(directory, "state"), tree)
+
+
+def load_flax_checkpoint(directory: str | os.PathLike) -> tuple[VisionTransformer, dict[str, DINOHead]]:
+    """Inverse of :func:`save_flax_checkpoint`."""
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(os.fspath(directory))
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(config_path):
+        raise CheckpointError(f"{directory}: not a Flax backbone checkpoint (no config.json)")
+    with open(config_path) as f:
+        configs = json.load(f)
+    modules: dict[str, nnx.Module] = {"backbone": abstract_vit(ViTConfig.from_dict(configs["backbone"]))}
+    for name, cfg in configs.items():
+        if name != "backbone":
+            modules[name] = nnx.eval_shape(lambda c=cfg: DINOHead(HeadConfig(**c), rngs=nnx.Rngs(0)))
+    splits = {name: nnx.split(m) for name, m in modules.items()}
+    target = {name: nnx.to_pure_dict(state) for name, (_, state) in splits.items()}
+    with ocp.StandardCheckpointer() as ckptr:
+        restored = ckptr.restore(os.path.join(directory, "state"), target)
+    built = {}
+    for name, (graphdef, state) in splits.items():
+        nnx.replace_by_pure_dict(state, restored[name])
+        built[name] = nnx.merge(graphdef, state)
+    backbone = built.pop("backbone")
+    return backbone, built
