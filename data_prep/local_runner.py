@@ -109,6 +109,7 @@ def process_cached(index: int, volume: InputVolume, config: PrepConfig, work_dir
         sha256 = file_sha256(volume.path)
     except OSError:
         sha256 = None  # prepare_volume turns the same error into a failed row
+    hash_s = time.perf_counter() - start
     if sha256 is not None and marker_path.is_file() and rec_path.is_file():
         try:
             marker = json.loads(marker_path.read_text(encoding="utf-8"))
@@ -120,6 +121,7 @@ def process_cached(index: int, volume: InputVolume, config: PrepConfig, work_dir
             return row
     result = prepare_volume(index, volume, config, sha256=sha256)
     row = result.row
+    row["timings"]["hash_s"] = hash_s
     if row["status"] == manifest.OK:
         t = time.perf_counter()
         shards.write_array_record(rec_path, result.records)

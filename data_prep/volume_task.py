@@ -72,16 +72,15 @@ def base_row(index: int, volume: InputVolume, status: str, reason: str | None = 
 
 def _pixel_stats(volumes: list) -> dict[str, int]:
     """Exact integer moments of the written pixels, summable across volumes for the card."""
-    hist = np.zeros(256, np.int64)
+    n = n_fg = total = total_sq = 0
     for vol in volumes:
-        hist += np.bincount(np.asarray(vol.slices, np.uint8).ravel(), minlength=256)
-    values = np.arange(256, dtype=np.int64)
-    return {
-        "pixels": int(hist.sum()),
-        "foreground": int(hist[1:].sum()),
-        "sum": int(hist @ values),
-        "sum_sq": int(hist @ (values * values)),
-    }
+        pixels = np.asarray(vol.slices, np.uint8)
+        wide = pixels.astype(np.uint16)  # 255 ** 2 still fits
+        n += pixels.size
+        n_fg += int(np.count_nonzero(pixels))
+        total += int(pixels.sum(dtype=np.uint64))
+        total_sq += int((wide * wide).sum(dtype=np.uint64))
+    return {"pixels": n, "foreground": n_fg, "sum": total, "sum_sq": total_sq}
 
 
 def prepare_volume(

@@ -127,6 +127,14 @@ def test_bad_inputs_are_recorded_and_good_volumes_kept(mixed_run, capsys):
     assert card["totals"]["volumes"] == {"ok": 3, "failed": 9, "skipped-excluded": 0, "skipped-duplicate": 1}
     assert card["totals"]["slices"] == sum(expected.values())
     assert card["preprocessing"] == CONFIG.to_dict()
+    pixels = np.concatenate([r.pixels.ravel() for s in _shard_records(out) for r in s]).astype(np.float64)
+    stats = card["totals"]["pixels"]
+    assert stats["pixels"] == pixels.size
+    assert stats["mean"] == pytest.approx(pixels.mean(), rel=1e-12)
+    assert stats["std"] == pytest.approx(pixels.std(), rel=1e-9)
+    assert stats["foreground_mean"] == pytest.approx(pixels[pixels > 0].mean(), rel=1e-12)
+    assert stats["foreground_std"] == pytest.approx(pixels[pixels > 0].std(), rel=1e-9)
+    assert card["per_dataset"]["ds"]["slices"] == card["totals"]["slices"]
     assert (out / "qc" / "sample_ds.png").is_file() and (out / "qc" / "worst_foreground.png").is_file()
 
     # A tolerant re-run reuses the good volumes, retries the failures and exits 0.
