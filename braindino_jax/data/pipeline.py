@@ -10,6 +10,9 @@ seed, which is what makes the iterator state small and a resume exact):
 Each batch is a dict of numpy arrays for this process's share of the global batch:
 `pixels` uint8 [b, H, W] (0 = background), `fg_mean`/`fg_std` float32 [b] in uint8 units,
 and, when `mask_grid` is set, `masks` bool [b, 2, grid_h * grid_w] for the two global crops.
+Masks are made here, in the Grain workers, rather than in the step: the numpy generator is
+slower per call than a jax port (see benchmarks/input_throughput.py) but costs no
+accelerator time, and the host still meets its slices/s target with them.
 
 Device side: `DeviceBatchIterator` turns each host batch into global `jax.Array`s sharded
 over `P(('data', 'fsdp'))` and keeps `device_prefetch` batches in flight, so the transfer
@@ -171,6 +174,21 @@ class _AddMasks(grain.transforms.RandomMap):
         b = batch["pixels"].shape[0]
         masks = masking.sample_masks(rng, 2 * b, self._grid, self._probability, self._ratio_range)
         return {**batch, "masks": masks.reshape(b, 2, -1)}
+
+
+def mask_token_bound(config: PipelineConfig, process_count: int | None = None) -> int:
+    """Static bound on the masked patches in one global batch (the iBOT gather size).
+
+    Each process stratifies the mask ratios over its own 2b global crops, so the bound is
+    P x `masking.max_masked_tokens(2b)`, slightly above the single-process bound for 2B.
+    """
+    if config.mask_grid is None:
+        raise PipelineError("PipelineConfig.mask_grid: None, so the pipeline makes no masks")
+    process_count = jax.process_count() if process_count is None else process_count
+    config.validate(process_count)
+    local = 2 * config.batch_size // process_count
+    return process_count * masking.max_masked_tokens(
+        local, config.mask_grid, config.mask_sample_probability, config.mask_ratio_range)
 
 
 def host_dataset(

@@ -13,12 +13,13 @@ import orbax.checkpoint as ocp
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from braindino_jax.data import records
+from braindino_jax.data import masking, records
 from braindino_jax.data.pipeline import (
     PipelineConfig,
     PipelineError,
     device_iterator,
     host_dataset,
+    mask_token_bound,
 )
 
 SIZE = 16
@@ -89,11 +90,16 @@ def test_batches_are_decoded_and_deterministic_given_the_seed(shard_dir):
 
 
 def test_processes_read_disjoint_parts_that_cover_every_epoch(shard_dir):
-    per_process = []
+    per_process, masked = [], np.zeros(12, int)
     for index in range(2):
         batches = _take(iter(host_dataset(_config(shard_dir), index, 2)), 12)  # 2 epochs
         assert all(b["pixels"].shape[0] == 4 for b in batches)
         per_process.append([i for b in batches for i in _ids(b)])
+        masked += [int(b["masks"].sum()) for b in batches]
+    # Masks are stratified per process; the global step's total stays within the bound.
+    bound = mask_token_bound(_config(shard_dir), process_count=2)
+    assert bound == 2 * masking.max_masked_tokens(8, (8, 8))
+    assert masked.max() <= bound
     epoch = lambda ids, e: ids[24 * e: 24 * (e + 1)]
     for e in range(2):
         p0, p1 = epoch(per_process[0], e), epoch(per_process[1], e)
@@ -177,11 +183,11 @@ def test_bad_inputs_name_the_file_or_field(shard_dir, tmp_path):
     corrupt = tmp_path / "corrupt-00000-of-00001.array_record"
     _write_shard(corrupt, [records.encode(_record(0)), b"\x93not a record"])
     config = _config(shard_dir, shards=(str(corrupt),), batch_size=2, mask_grid=None)
-    with pytest.raises(Exception, match=r"corrupt-00000-of-00001.array_record \(record 1\)"):
+    with pytest.raises(PipelineError, match=r"corrupt-00000-of-00001.array_record \(record 1\)"):
         next(iter(host_dataset(config, 0, 1)))
 
     wrong = tmp_path / "wrong-00000-of-00001.array_record"
     _write_shard(wrong, [records.encode(_record(0))] * 2)
     config = _config(shard_dir, shards=(str(wrong),), batch_size=2, image_size=32, mask_grid=None)
-    with pytest.raises(Exception, match=r"wrong-00000.*16x16.*32x32 \(image_size\)"):
+    with pytest.raises(PipelineError, match=r"wrong-00000.*16x16.*32x32 \(image_size\)"):
         next(iter(host_dataset(config, 0, 1)))
