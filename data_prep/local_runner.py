@@ -156,15 +156,18 @@ def _process_all(tasks: list[tuple[int, InputVolume]], options: RunOptions, work
                             in_flight[future] = (index, volume)
                         done, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
                         for future in done:
-                            index, volume = in_flight.pop(future)
                             rows.append(future.result())
+                            del in_flight[future]
                             bar.update()
                 except cf.process.BrokenProcessPool:
-                    # A worker died (out of memory, a crash in a decoder). The volumes it may have
-                    # held are recorded as failed; a fresh pool takes the rest.
-                    for index, volume in in_flight.values():
-                        rows.append(base_row(index, volume, manifest.FAILED,
-                                             "worker process died while preparing this volume"))
+                    # A worker died (out of memory, a crash in a decoder). Volumes without a result
+                    # are recorded as failed (a re-run retries them); a fresh pool takes the rest.
+                    for future, (index, volume) in in_flight.items():
+                        if future.done() and not future.cancelled() and future.exception() is None:
+                            rows.append(future.result())
+                        else:
+                            rows.append(base_row(index, volume, manifest.FAILED,
+                                                 "worker process died while preparing this volume"))
                         bar.update()
                 except BaseException:
                     pool.shutdown(wait=False, cancel_futures=True)
