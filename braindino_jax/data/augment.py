@@ -62,6 +62,14 @@ class AugmentConfig:
     channels: int = 3
     dtype: str = "float32"
 
+    def __post_init__(self) -> None:
+        # Lists from an ml_collections config become tuples: the config is a static jit
+        # argument and must be hashable.
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, list):
+                object.__setattr__(self, field.name, tuple(value))
+
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
 
@@ -300,6 +308,19 @@ def _augment_sample(key, pixels, fg_mean, fg_std, config: AugmentConfig):
     return globals_, locals_
 
 
+def _sharded_like(x: jax.Array, reference: jax.Array) -> jax.Array:
+    """Give `x` the batch-axis sharding of `reference` under Explicit mesh axes.
+
+    vmap requires every mapped input to carry the same explicit sharding; the per-sample
+    indices are created replicated, the pixels arrive split over ('data', 'fsdp').
+    """
+    sharding = jax.typeof(reference).sharding
+    if not sharding.spec or sharding.spec[0] is None:
+        return x
+    target = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(sharding.spec[0]))
+    return jax.sharding.reshard(x, target)
+
+
 def augment_batch(
     key: jax.Array,
     pixels: jax.Array,
@@ -324,7 +345,7 @@ def augment_batch(
     for name, value in (("fg_mean", fg_mean), ("fg_std", fg_std)):
         if value.shape != (batch,):
             raise ValueError(f"{name}: expected shape ({batch},), got {value.shape}")
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(_sharded_like(jnp.arange(batch), pixels))
     globals_, locals_ = jax.vmap(lambda k, p, m, s: _augment_sample(k, p, m, s, config))(
         keys, pixels, fg_mean.astype(jnp.float32), fg_std.astype(jnp.float32)
     )

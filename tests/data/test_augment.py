@@ -78,6 +78,20 @@ def test_shapes_dtypes_ranges_and_per_sample_keys(slices, batch):
         np.testing.assert_allclose(np.asarray(single["global"][0]), g[0], atol=1e-5)
 
 
+def test_sharded_batch_matches_unsharded_samples(slices):
+    _, _, u, mean, std = slices
+    mesh = jax.make_mesh((8,), ("data",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    put = lambda x: jax.device_put(x, sharding)
+    pixels = put(jnp.asarray(np.repeat(u[None], 8, axis=0)))
+    out = _jitted(SMALL)(jax.random.key(7), pixels, put(jnp.full(8, mean)), put(jnp.full(8, std)))
+    assert len(out["global"].sharding.device_set) == 8
+    single = _jitted(SMALL)(jax.random.key(7), jnp.asarray(u[None]), jnp.full(1, mean),
+                            jnp.full(1, std))
+    for name in ("global", "local"):
+        np.testing.assert_allclose(np.asarray(out[name])[0], np.asarray(single[name])[0], atol=1e-5)
+
+
 def test_single_channel_bfloat16(slices):
     _, _, u, mean, std = slices
     config = AugmentConfig(global_size=32, local_size=16, n_local=2, channels=1, dtype="bfloat16")
@@ -181,6 +195,7 @@ def test_bad_config_and_inputs_name_the_field():
     with pytest.raises(ValueError, match=r"AugmentConfig.blur_probs\[1\]"):
         AugmentConfig(blur_probs=(1.0, 1.1, 0.5)).validate()
     AugmentConfig().validate()
+    assert hash(AugmentConfig(global_scale=[0.4, 1.0])) == hash(AugmentConfig(global_scale=(0.4, 1.0)))
     with pytest.raises(ValueError, match="pixels"):
         augment_batch(jax.random.key(0), jnp.zeros((2, 8, 8), jnp.float32), jnp.ones(2),
                       jnp.ones(2), SMALL)
