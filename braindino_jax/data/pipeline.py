@@ -31,9 +31,10 @@ import os
 from typing import Any, Sequence
 
 import grain
-from absl import flags as absl_flags
 import jax
 import numpy as np
+from absl import flags as absl_flags
+from array_record.python.array_record_module import ArrayRecordReader
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from braindino_jax.data import masking, records
@@ -138,8 +139,6 @@ class _Decoder:
         }
 
     def _locate(self, index: int) -> str:
-        from array_record.python.array_record_module import ArrayRecordReader
-
         offset = 0
         for path in self._paths:
             reader = ArrayRecordReader(path)

@@ -16,6 +16,7 @@ from typing import Sequence
 
 import jax
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordReader
 from PIL import Image
 
 from braindino_jax.data import records
@@ -89,8 +90,6 @@ def render_grid(
 
 
 def _stored_image_size(paths: Sequence[str]) -> int:
-    from array_record.python.array_record_module import ArrayRecordReader
-
     reader = ArrayRecordReader(paths[0])
     try:
         if reader.num_records() == 0:
