@@ -46,6 +46,27 @@ def _check_path(path: Path) -> None:
         raise VolumeError(path, f"unsupported file type; expected one of {', '.join(SUPPORTED_SUFFIXES)}")
 
 
+def _open_image(path: Path) -> nib.spatialimages.SpatialImage:
+    """Open ``path`` with nibabel; a single-file ``.nii.gz`` is decompressed whole first.
+
+    nibabel stops reading a gzip stream once it has the voxels, so the member's CRC32 and length
+    trailer are never checked and a corrupted stream whose deflate blocks still decode would
+    pass as valid data. ``gzip.decompress`` reads to the end and verifies the trailer, and one
+    call over the whole file is no slower than nibabel's streamed reads.
+    """
+    if not path.name.lower().endswith(".nii.gz"):
+        return nib.load(path, mmap=False)
+    try:
+        raw = gzip.decompress(path.read_bytes())
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise VolumeError(path, f"corrupt or truncated compressed data: {exc}") from exc
+    sizeof_hdr = int.from_bytes(raw[:4], "little") if len(raw) >= 4 else 0
+    if sizeof_hdr not in (348, 540):
+        sizeof_hdr = int.from_bytes(raw[:4], "big")
+    klass = nib.Nifti2Image if sizeof_hdr == 540 else nib.Nifti1Image
+    return klass.from_bytes(raw)
+
+
 def _squeeze_trailing(shape: tuple[int, ...]) -> tuple[int, ...]:
     """Drop singleton axes beyond the third (a (x, y, z, 1) file is a 3D volume)."""
     shape = tuple(shape)
@@ -64,8 +85,12 @@ def load_volume(path: str | os.PathLike) -> LoadedVolume:
     path = Path(path)
     _check_path(path)
     try:
-        img = nib.load(path, mmap=False)
-    except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError) as exc:
+        img = _open_image(path)
+    except (
+        nib.filebasedimages.ImageFileError,
+        nib.spatialimages.HeaderDataError,
+        nib.wrapstruct.WrapStructError,
+    ) as exc:
         raise VolumeError(path, f"not a readable NIfTI/Analyze image: {exc}") from exc
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise VolumeError(path, f"corrupt compressed stream while reading the header: {exc}") from exc
