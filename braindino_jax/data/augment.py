@@ -243,7 +243,7 @@ def _augment_crop(
     height, width = stacked.shape[:2]
     k_uniform, k_noise = jax.random.split(key)
     # One draw of all scalar uniforms per crop: far fewer PRNG ops to compile than a key each.
-    u = jax.random.uniform(k_uniform, (_N_BOX_UNIFORMS + 11,))
+    u = jax.random.uniform(k_uniform, (_N_BOX_UNIFORMS + 10,))
     box = _crop_box_from_uniforms(u[:_N_BOX_UNIFORMS], height, width, scale, config.ratio)
     u = u[_N_BOX_UNIFORMS:]
 
