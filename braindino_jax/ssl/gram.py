@@ -1,0 +1,53 @@
+"""Gram anchoring (DINOv3): keep the student's patch-similarity structure close to a frozen teacher's.
+
+Long or high-resolution training degrades patch features while the CLS features keep
+improving. Gram anchoring regularises the pairwise cosine similarities of the student's patch
+features towards those of a "Gram teacher", an earlier EMA-teacher snapshot, which leaves the
+features themselves free to move.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from braindino_jax.ssl.dtypes import as_loss_dtype
+from braindino_jax.ssl.normalize import l2_normalize
+
+NEGATIVES = ("keep", "remove", "remove_teacher")
+
+
+def gram_loss(student_patches: jax.Array, teacher_patches: jax.Array, image_level: bool = True,
+              negatives: str = "remove", normalize: bool = True,
+              precision: jax.lax.Precision = jax.lax.Precision.HIGHEST) -> jax.Array:
+    """Mean squared difference of the student and teacher Gram matrices, float32.
+
+    Features [B, N, D] (teacher: the Gram teacher's, treated as constants). With
+    ``normalize`` they are L2-normalised, so Gram entries are cosine similarities. Gram
+    matrices are [B, N, N] per image (``image_level``) or one [B·N, B·N] over the batch.
+    ``negatives``: "keep"; "remove" clamps negative similarities to 0 in both matrices;
+    "remove_teacher" clamps the teacher's and zeroes the student's only where both are
+    negative. The loss is ‖G_s − G_t‖_F² / (number of Gram entries), as DINOv3's ``GramLoss``
+    (an MSE).
+    """
+    if student_patches.ndim != 3 or student_patches.shape != teacher_patches.shape:
+        raise ValueError(
+            f"student_patches/teacher_patches: expected equal [B, N, D], got "
+            f"{student_patches.shape} and {teacher_patches.shape}")
+    if negatives not in NEGATIVES:
+        raise ValueError(f"negatives: expected one of {NEGATIVES}, got {negatives!r}")
+    student = as_loss_dtype(student_patches)
+    teacher = jax.lax.stop_gradient(as_loss_dtype(teacher_patches))
+    if normalize:
+        student, teacher = l2_normalize(student, 1e-12), l2_normalize(teacher, 1e-12)
+    if not image_level:
+        student = student.reshape(1, -1, student.shape[-1])
+        teacher = teacher.reshape(1, -1, teacher.shape[-1])
+    gram_s = jnp.einsum("bnd,bmd->bnm", student, student, precision=precision)
+    gram_t = jnp.einsum("bnd,bmd->bnm", teacher, teacher, precision=precision)
+    if negatives == "remove":
+        gram_s, gram_t = jnp.maximum(gram_s, 0.0), jnp.maximum(gram_t, 0.0)
+    elif negatives == "remove_teacher":
+        gram_s = jnp.where((gram_s < 0) & (gram_t < 0), 0.0, gram_s)
+        gram_t = jnp.maximum(gram_t, 0.0)
+    return jnp.mean(jnp.square(gram_s - gram_t))

@@ -1,0 +1,35 @@
+"""Shared fixtures for the SSL loss tests: the 8-device mesh and a float64 scope."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+@pytest.fixture(scope="session")
+def mesh() -> Mesh:
+    devices = jax.devices()
+    assert len(devices) == 8, "tests/conftest.py should provide 8 host CPU devices"
+    return Mesh(np.array(devices).reshape(2, 4), ("data", "fsdp"))
+
+
+@pytest.fixture(scope="session")
+def batch_sharding(mesh):
+    """Shard axis ``axis`` of an array over all 8 devices, as the train step shards the batch."""
+
+    def sharding(ndim: int, axis: int) -> NamedSharding:
+        spec = [None] * ndim
+        spec[axis] = ("data", "fsdp")
+        return NamedSharding(mesh, P(*spec))
+
+    return sharding
+
+
+@pytest.fixture
+def x64():
+    """Enable float64 for the duration of one test (gradient checks against finite differences)."""
+    enable = getattr(jax, "enable_x64", None)
+    if enable is None:  # older JAX kept it in jax.experimental
+        from jax.experimental import enable_x64 as enable
+    with enable(True):
+        yield
