@@ -1,7 +1,6 @@
 """A batch-sharded forward on 8 CPU devices equals the single-device result."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
