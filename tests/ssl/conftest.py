@@ -33,3 +33,22 @@ def x64():
         from jax.experimental import enable_x64 as enable
     with enable(True):
         yield
+
+
+def _reference_sinkhorn(logits: np.ndarray, temp: float, n_iterations: int) -> np.ndarray:
+    """DINOv2's Sinkhorn-Knopp, literally, in float64: Q is [K, B], rows are prototypes."""
+    q = np.exp(logits.astype(np.float64) / temp).T
+    k, b = q.shape
+    q /= q.sum()
+    for _ in range(n_iterations):
+        q /= q.sum(axis=1, keepdims=True)
+        q /= k
+        q /= q.sum(axis=0, keepdims=True)
+        q /= b
+    return (q * b).T
+
+
+@pytest.fixture(scope="session")
+def reference_sinkhorn():
+    """The float64 reference Sinkhorn-Knopp, [B, K] logits -> [B, K] targets."""
+    return _reference_sinkhorn
