@@ -11,7 +11,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _FFN_LAYERS = ("mlp", "swiglu")
 _DROP_PATH_SCHEDULES = ("uniform", "linear")
 _NORMALIZE_COORDS = ("separate", "min", "max")
@@ -71,7 +71,7 @@ class ViTConfig:
 
     @property
     def compute_dtype(self) -> Any:
-        return _DTYPES[self.dtype]
+        return COMPUTE_DTYPES[self.dtype]
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -146,8 +146,8 @@ class ViTConfig:
             value = getattr(self, name)
             if value is not None and value < 1.0:
                 fail(name, f"is a log-uniform factor and must be >= 1, got {value}")
-        if self.dtype not in _DTYPES:
-            fail("dtype", f"must be one of {tuple(_DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in COMPUTE_DTYPES:
+            fail("dtype", f"must be one of {tuple(COMPUTE_DTYPES)}, got {self.dtype!r}")
         if self.attention not in _ATTENTION:
             fail("attention", f"must be one of {_ATTENTION}, got {self.attention!r}")
 

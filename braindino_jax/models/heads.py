@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from braindino_jax.models.config import _DTYPES, ModelConfigError
+from braindino_jax.models.config import COMPUTE_DTYPES, ModelConfigError
 
 _F32 = jnp.float32
 _trunc_normal = nnx.initializers.truncated_normal(stddev=0.02)
@@ -37,8 +37,8 @@ class HeadConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ModelConfigError(f"HeadConfig.{name}: must be a positive int, got {value!r}")
-        if self.dtype not in _DTYPES:
-            raise ModelConfigError(f"HeadConfig.dtype: must be one of {tuple(_DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ModelConfigError(f"HeadConfig.dtype: must be one of {tuple(COMPUTE_DTYPES)}, got {self.dtype!r}")
 
     def replace(self, **changes: Any) -> HeadConfig:
         return dataclasses.replace(self, **changes)
@@ -72,7 +72,7 @@ class DINOHead(nnx.Module):
     def __init__(self, config: HeadConfig, *, rngs: nnx.Rngs):
         self.config = config
         dims = config.layer_dims
-        cdt = _DTYPES[config.dtype]
+        cdt = COMPUTE_DTYPES[config.dtype]
         self.mlp = nnx.List(
             [
                 nnx.Linear(
@@ -112,5 +112,5 @@ class DINOHead(nnx.Module):
             x = l2_normalize(x)
         if no_last_layer:
             return x
-        cdt = _DTYPES[c.dtype]
+        cdt = COMPUTE_DTYPES[c.dtype]
         return jnp.dot(x.astype(cdt), self.prototypes().astype(cdt), preferred_element_type=_F32)
