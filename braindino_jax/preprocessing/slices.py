@@ -5,10 +5,14 @@ from __future__ import annotations
 import numpy as np
 
 
-def foreground_fractions(mask: np.ndarray) -> np.ndarray:
-    """Fraction of foreground pixels in each axial slice (last axis) of a 3D mask, float64 [Z]."""
+def foreground_fractions(mask: np.ndarray, plane_size: int | None = None) -> np.ndarray:
+    """Fraction of foreground pixels in each axial slice (last axis) of a 3D mask, float64 [Z].
+
+    ``plane_size`` is the pixel count of a whole slice when ``mask`` is a crop of the volume
+    that holds all its foreground (default: the mask's own slice size).
+    """
     counts = np.count_nonzero(mask, axis=(0, 1))
-    return counts / float(mask.shape[0] * mask.shape[1])
+    return counts / float(plane_size if plane_size is not None else mask.shape[0] * mask.shape[1])
 
 
 def select_slices(

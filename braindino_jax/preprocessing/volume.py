@@ -1,8 +1,9 @@
 """preprocess_volume: one NIfTI/Analyze file → uint8 axial slices plus the metadata records need.
 
 The order of steps matters for cost: the foreground mask is found on the source grid, the volume
-is resampled only when its spacing or obliquity requires it, intensity statistics are taken
-once over the foreground, and only the kept slices inside the crop box are scaled to uint8.
+is resampled only when its spacing or obliquity requires it, and then only over the output box
+that can hold foreground; intensity statistics are taken once over the foreground, and only the
+kept slices inside the crop box are scaled to uint8.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from braindino_jax.preprocessing.intensity import IntensityScale, fit_intensity_
 from braindino_jax.preprocessing.loading import LoadedVolume, load_volume
 from braindino_jax.preprocessing.orientation import axis_codes, to_canonical
 from braindino_jax.preprocessing.resampling import (
+    covering_box,
     needs_resampling,
     resample,
     target_grid,
@@ -90,15 +92,23 @@ def _prepare_3d(
             raise VolumeError(path, f"all voxels are zero{where}")
         raise VolumeError(path, f"no foreground voxels with mask_method={config.mask_method!r}{where}")
 
+    full_shape, origin = data.shape, (0, 0, 0)
     if needs_resampling(affine, config.target_spacing):
+        # Only the part of the output grid that can hold foreground (plus the in-plane margin
+        # the framing reads) is computed; outside it the resampled mask is exactly 0.
         grid = target_grid(affine, data.shape, config.target_spacing)
-        data, _ = resample(data, affine, config.target_spacing, config.interpolation, grid)
-        mask_f, affine = resample(mask.view(np.uint8), affine, config.target_spacing, "linear", grid)
+        lo, hi = _index_extent(mask)
+        box = covering_box(affine, grid, lo, hi, pad=(config.margin, config.margin, 0))
+        data, _ = resample(data, affine, config.target_spacing, config.interpolation, grid, box)
+        mask_f, _ = resample(mask.view(np.uint8), affine, config.target_spacing, "linear", grid, box)
         mask = mask_f >= 0.5
+        affine, full_shape, origin = grid[0], grid[1], tuple(s.start for s in box)
         if not mask.any():
             raise VolumeError(path, f"foreground vanished when resampling to {config.target_spacing} mm{where}")
 
-    fractions = foreground_fractions(mask)
+    # Fractions are of the whole axial plane of the (resampled) grid, indexed along its axis.
+    fractions = np.zeros(full_shape[2])
+    fractions[origin[2] : origin[2] + mask.shape[2]] = foreground_fractions(mask, full_shape[0] * full_shape[1])
     kept = select_slices(fractions, config.min_foreground_fraction, config.n_slices)
     if kept.size == 0:
         raise VolumeError(
@@ -108,16 +118,16 @@ def _prepare_3d(
         )
     # Everything below reads only the foreground box (plus the in-plane margin): a brain fills
     # a fraction of the field of view, and boolean gathers over the full volume dominate cost.
-    box = _foreground_box(mask, fractions, config.margin)
+    box = _foreground_box(mask, np.flatnonzero(fractions) - origin[2], config.margin)
     data, mask = data[box], mask[box]
     try:
         scale = fit_intensity_scale(data[mask], config.clip_percentiles)
     except ValueError as exc:
         raise VolumeError(path, f"{exc}{where}") from exc
 
-    n_axial = len(fractions)
+    n_axial = full_shape[2]
     return PreparedVolume(
-        slices=_frame_slices(data, mask, kept - box[2].start, scale, config),
+        slices=_frame_slices(data, mask, kept - origin[2] - box[2].start, scale, config),
         slice_indices=kept,
         n_slices=n_axial,
         spacing=voxel_spacing(affine),
@@ -132,9 +142,17 @@ def _prepare_3d(
     )
 
 
-def _foreground_box(mask: np.ndarray, fractions: np.ndarray, margin: int) -> tuple[slice, slice, slice]:
-    """Index box of all foreground voxels, widened in-plane by ``margin`` (clipped)."""
-    zs = np.flatnonzero(fractions)
+def _index_extent(mask: np.ndarray) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """First and last index (inclusive) of the foreground along each axis of a 3D mask."""
+    footprint = mask.any(axis=2)
+    ranges = [np.flatnonzero(footprint.any(axis=1)), np.flatnonzero(footprint.any(axis=0)),
+              np.flatnonzero(mask.any(axis=(0, 1)))]
+    return tuple(int(r[0]) for r in ranges), tuple(int(r[-1]) for r in ranges)
+
+
+def _foreground_box(mask: np.ndarray, zs: np.ndarray, margin: int) -> tuple[slice, slice, slice]:
+    """Index box of all foreground voxels (``zs``: the axial indices holding some), widened
+    in-plane by ``margin`` (clipped)."""
     axial = slice(int(zs[0]), int(zs[-1]) + 1)
     footprint = mask[:, :, axial].any(axis=2)
     xs, ys = np.flatnonzero(footprint.any(axis=1)), np.flatnonzero(footprint.any(axis=0))
