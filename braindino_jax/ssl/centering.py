@@ -27,8 +27,8 @@ def _samples(teacher_logits: jax.Array, valid: jax.Array | None) -> tuple[jax.Ar
         return flat, jnp.ones(flat.shape[0], dtype=bool)
     valid = jnp.asarray(valid)
     if valid.shape != logits.shape[:-1]:
-        raise ValueError(
-            f"valid: expected shape {logits.shape[:-1]} (teacher_logits without K), got {valid.shape}")
+        raise ValueError(f"valid: expected shape {logits.shape[:-1]} (teacher_logits without K), "
+                         f"got {valid.shape}")
     return flat, valid.reshape(-1).astype(bool)
 
 

@@ -38,7 +38,7 @@ def effective_prototypes(teacher_probs: jax.Array) -> jax.Array:
 
 def student_teacher_kl(student_logits: jax.Array, teacher_probs: jax.Array,
                        student_temp: float = 0.1) -> jax.Array:
-    """Mean over samples of KL(teacher ‖ softmax(student / τ_s)); inputs of equal shape [..., K]."""
+    """Mean over samples of KL(teacher ‖ softmax(student / τ_s)); both inputs [..., K]."""
     if jnp.shape(student_logits) != jnp.shape(teacher_probs):
         raise ValueError(
             f"student_logits/teacher_probs: shapes differ, {jnp.shape(student_logits)} and "

@@ -14,7 +14,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 def teacher_temperature(step: int | jax.Array, warmup_steps: int, start: float = 0.04,
                         end: float = 0.07) -> jax.Array:
-    """Sharpening schedule: linear from ``start`` at step 0 to ``end`` at ``warmup_steps``, then flat."""
+    """Sharpening: linear from ``start`` at step 0 to ``end`` at ``warmup_steps``, then constant."""
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps: must be >= 0, got {warmup_steps}")
     if warmup_steps == 0:

@@ -1,4 +1,4 @@
-"""Gram anchoring (DINOv3): keep the student's patch-similarity structure close to a frozen teacher's.
+"""Gram anchoring (DINOv3): keep the student's patch similarities close to a frozen teacher's.
 
 Long or high-resolution training degrades patch features while the CLS features keep
 improving. Gram anchoring regularises the pairwise cosine similarities of the student's patch

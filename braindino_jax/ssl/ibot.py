@@ -57,7 +57,8 @@ def ibot_loss(student_logits: jax.Array, teacher_probs: jax.Array, weights: jax.
             f"student_logits/teacher_probs: expected equal [M, K], got {student_logits.shape} "
             f"and {teacher_probs.shape}")
     if weights.shape != student_logits.shape[:1]:
-        raise ValueError(f"weights: expected shape ({student_logits.shape[0]},), got {weights.shape}")
+        raise ValueError(
+            f"weights: expected shape ({student_logits.shape[0]},), got {weights.shape}")
     if n_images < 1:
         raise ValueError(f"n_images: must be >= 1, got {n_images}")
     log_p = jax.nn.log_softmax(as_loss_dtype(student_logits) / student_temp, axis=-1)

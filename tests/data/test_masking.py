@@ -113,7 +113,8 @@ def test_masked_token_indices_matches_bruteforce():
     indices, weights = masking.masked_token_indices(masks, bound)
     assert indices.shape == weights.shape == (bound,)
     assert indices.dtype == np.int32 and weights.dtype == np.float32
-    expected = [(b * N + t, 1.0 / masks[b].sum()) for b in range(12) for t in range(N) if masks[b, t]]
+    expected = [(b * N + t, 1.0 / masks[b].sum())
+                for b in range(12) for t in range(N) if masks[b, t]]
     n = len(expected)
     np.testing.assert_array_equal(indices[:n], [e[0] for e in expected])
     np.testing.assert_allclose(weights[:n], [e[1] for e in expected], rtol=1e-7)
