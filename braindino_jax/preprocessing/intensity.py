@@ -43,16 +43,46 @@ def zero_nonfinite(data: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, int
     return np.where(finite, data, np.float32(0)), finite, count
 
 
+# Integer-valued data spanning fewer levels than this are counted instead of partitioned.
+MAX_COUNTED_LEVELS = 1 << 22
+_INTEGER_PROBE = 4096  # leading values checked first, so non-integer data fall back at once
+
+
 def percentiles_inplace(values: np.ndarray, qs: tuple[float, ...]) -> tuple[float, ...]:
-    """np.percentile's default ("linear") estimate, using one in-place partition, no copy."""
+    """np.percentile's default ("linear") estimate of 1D ``values``, without a copy.
+
+    Integer-valued data (unresampled integer scans) are counted with a histogram, in O(n)
+    and leaving ``values`` as they are; anything else is partitioned in place.
+    """
     positions = [q / 100.0 * (values.size - 1) for q in qs]
-    kth = sorted({int(np.floor(p)) for p in positions} | {int(np.ceil(p)) for p in positions})
-    values.partition(kth)
+    ranks = sorted({int(np.floor(p)) for p in positions} | {int(np.ceil(p)) for p in positions})
+    stats = _counted_order_statistics(values, ranks)
+    if stats is None:
+        values.partition(ranks)
+        stats = {r: float(values[r]) for r in ranks}
     out = []
     for p in positions:
-        below, above = float(values[int(np.floor(p))]), float(values[int(np.ceil(p))])
+        below, above = stats[int(np.floor(p))], stats[int(np.ceil(p))]
         out.append(below + (above - below) * (p - np.floor(p)))
     return tuple(out)
+
+
+def _counted_order_statistics(values: np.ndarray, ranks: list[int]) -> dict[int, float] | None:
+    """The values of the given ranks (0-based, ascending order) by counting each integer level;
+    None unless every value is an integer and they span fewer than MAX_COUNTED_LEVELS levels."""
+    probe = values[:_INTEGER_PROBE]
+    if not np.array_equal(probe, np.floor(probe)):
+        return None
+    lo, hi = float(values.min()), float(values.max())
+    if hi - lo >= MAX_COUNTED_LEVELS or lo < np.iinfo(np.int32).min or hi > np.iinfo(np.int32).max:
+        return None
+    levels = values.astype(np.int32)
+    if not np.array_equal(levels, values):
+        return None
+    levels -= np.int32(lo)
+    cumulative = np.cumsum(np.bincount(levels))
+    # The value of rank r is the first level whose cumulative count exceeds r.
+    return {r: lo + float(np.searchsorted(cumulative, r, side="right")) for r in ranks}
 
 
 def fit_intensity_scale(values: np.ndarray, clip_percentiles: tuple[float, float]) -> IntensityScale:

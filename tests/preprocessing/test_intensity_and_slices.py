@@ -11,7 +11,7 @@ import pytest
 from braindino_jax.preprocessing.config import PrepConfig
 from braindino_jax.preprocessing.errors import ConfigError
 from braindino_jax.preprocessing.foreground import foreground_mask, otsu_threshold
-from braindino_jax.preprocessing.intensity import fit_intensity_scale
+from braindino_jax.preprocessing.intensity import MAX_COUNTED_LEVELS, fit_intensity_scale, percentiles_inplace
 from braindino_jax.preprocessing.phantom import LABELS, make_phantom, write_demo_dataset
 from braindino_jax.preprocessing.slices import select_slices
 from braindino_jax.preprocessing.volume import preprocess_volume
@@ -104,6 +104,29 @@ def test_fit_intensity_scale_against_numpy():
     clipped = np.clip(values.astype(np.float64), lo, hi)
     assert scale.fg_mean == pytest.approx(1 + 254 * (clipped.mean() - lo) / (hi - lo), rel=1e-5)
     assert scale.fg_std == pytest.approx(254 * clipped.std() / (hi - lo), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kind", ["integers", "negative_integers", "few_levels", "single_value", "non_integer", "integers_too_wide", "integer_probe_then_fraction"]
+)
+def test_percentiles_equal_numpy_exactly_on_both_paths(kind):
+    rng = np.random.default_rng(8)
+    values = {
+        "integers": np.round(rng.gamma(2.0, 300.0, 20001)),
+        "negative_integers": np.round(rng.normal(-50.0, 400.0, 5000)),
+        "few_levels": rng.integers(3, 6, 777).astype(float),
+        "single_value": np.array([42.0]),
+        "non_integer": rng.gamma(2.0, 300.0, 20001),
+        "integers_too_wide": np.concatenate([np.round(rng.normal(0, 100, 999)), [2.0 * MAX_COUNTED_LEVELS]]),
+        "integer_probe_then_fraction": np.concatenate([np.arange(5000.0), [0.25]]),
+    }[kind].astype(np.float32)
+    qs = (0.0, 0.5, 37.3, 99.5, 100.0)
+    original = values.copy()
+    got = percentiles_inplace(values, qs)
+    assert got == tuple(np.percentile(original.astype(np.float64), qs))
+    counted = kind in ("integers", "negative_integers", "few_levels", "single_value")
+    # The counting path leaves the values in place; the partition reorders them.
+    assert np.array_equal(values, original) == counted
 
 
 def test_slice_selection_threshold_and_uniform_modes():
