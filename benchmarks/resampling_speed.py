@@ -1,0 +1,117 @@
+"""preprocess_volume wall time, this tree vs. a git revision, on phantoms that do and do not resample.
+
+Prints JSON: best of ``--repeats`` seconds per volume (load included) for each variant, and
+whether the baseline and this tree keep the same slices. The baseline's ``braindino_jax`` is
+exported with ``git archive`` and run in a subprocess with it first on PYTHONPATH; this tree
+runs in a subprocess too, so both pay the same start-up and run in the same invocation.
+
+    python benchmarks/resampling_speed.py --baseline 12bc927
+    python benchmarks/resampling_speed.py                     # this tree only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+# name: (source spacing mm, shape, phantom kwargs, PrepConfig kwargs)
+CASES = {
+    "1mm_256cube_no_resampling": ((1.0, 1.0, 1.0), (256, 256, 256), {}, {"target_spacing": (1.0, 1.0, 1.0)}),
+    "1.2x1.2x3mm_to_1mm_linear": ((1.2, 1.2, 3.0), (213, 213, 85), {}, {"target_spacing": (1.0, 1.0, 1.0)}),
+    "1.2x1.2x3mm_to_1mm_cubic": (
+        (1.2, 1.2, 3.0), (213, 213, 85), {}, {"target_spacing": (1.0, 1.0, 1.0), "interpolation": "cubic"}
+    ),
+    "1.5mm_oblique10_to_1mm": ((1.5, 1.5, 1.5), None, {"oblique_deg": 10.0}, {"target_spacing": (1.0, 1.0, 1.0)}),
+}
+
+
+def _worker(inputs: Path, out: Path, repeats: int) -> None:
+    """Time every case in this interpreter (whichever braindino_jax it imports)."""
+    from braindino_jax.preprocessing.config import PrepConfig
+    from braindino_jax.preprocessing.volume import preprocess_volume
+
+    timings = {}
+    for name, (_, _, _, config_kwargs) in CASES.items():
+        config = PrepConfig(**config_kwargs)
+        best = np.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            (result,) = preprocess_volume(inputs / f"{name}.nii.gz", config)
+            best = min(best, time.perf_counter() - start)
+        timings[name] = best
+        np.savez(out / f"{name}.npz", slices=result.slices, indices=result.slice_indices,
+                 moments=[result.fg_mean, result.fg_std, result.n_slices])
+    (out / "timings.json").write_text(json.dumps({"module": preprocess_volume.__code__.co_filename, **timings}))
+
+
+def _run_variant(pythonpath: str | None, inputs: Path, out: Path, repeats: int) -> dict:
+    out.mkdir()
+    env = dict(os.environ)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
+    command = [sys.executable, __file__, "--worker", str(inputs), str(out), "--repeats", str(repeats)]
+    subprocess.run(command, env=env, check=True, cwd=out)
+    return json.loads((out / "timings.json").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", help="git revision to compare against")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--worker", nargs=2, type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        _worker(*args.worker, args.repeats)
+        return
+
+    from braindino_jax.preprocessing.phantom import write_phantom
+
+    root = Path(tempfile.mkdtemp(prefix="resampling-bench-"))
+    try:
+        inputs = root / "inputs"
+        for name, (spacing, shape, phantom_kwargs, _) in CASES.items():
+            write_phantom(inputs / f"{name}.nii.gz", 0, shape=shape, spacing=spacing, orientation="LPS",
+                          skull_stripped=True, **phantom_kwargs)
+        current = _run_variant(None, inputs, root / "current", args.repeats)
+        modules = {"current": current.pop("module")}
+        results = {name: {"current_s": round(t, 4)} for name, t in current.items()}
+        if args.baseline:
+            tree = root / "baseline_tree"
+            tree.mkdir()
+            archive = subprocess.run(["git", "-C", str(REPO), "archive", args.baseline, "braindino_jax"],
+                                     check=True, capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+            baseline = _run_variant(str(tree), inputs, root / "baseline", args.repeats)
+            modules["baseline"] = baseline.pop("module")
+            for name, row in results.items():
+                a, b = np.load(root / "baseline" / f"{name}.npz"), np.load(root / "current" / f"{name}.npz")
+                same_shape = a["slices"].shape == b["slices"].shape
+                diff = np.abs(a["slices"].astype(int) - b["slices"].astype(int)) if same_shape else None
+                row.update({
+                    "baseline_s": round(baseline[name], 4),
+                    "speedup": round(baseline[name] / row["current_s"], 2),
+                    "same_slice_indices_and_n_slices": bool(
+                        np.array_equal(a["indices"], b["indices"]) and a["moments"][2] == b["moments"][2]
+                    ),
+                    "max_abs_uint8_diff": None if diff is None else int(diff.max()),
+                    "fraction_of_pixels_differing": None if diff is None else float(np.mean(diff > 0)),
+                    "fg_mean_std_max_rel_diff": float(np.max(np.abs(a["moments"][:2] / b["moments"][:2] - 1))),
+                })
+        report = {"baseline": args.baseline, "modules": modules, "repeats": args.repeats, "cases": results}
+        print(json.dumps(report, indent=2))
+    finally:
+        shutil.rmtree(root)
+
+
+if __name__ == "__main__":
+    main()
