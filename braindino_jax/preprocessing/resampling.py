@@ -178,6 +178,8 @@ def _resample_separable(
     if order > 0:
         out = out.astype(work, copy=False)
     for in_axis, idx, weights in sorted(taps, key=lambda t: len(t[1]) / out.shape[t[0]]):
+        if order <= 1 and np.array_equal(idx[:, 0], np.arange(len(idx))) and np.all(weights[:, 0] == 1):
+            continue  # output voxels on input voxels (e.g. in-plane of a thick-slice scan): the cut is the pass
         out = _interp_axis(out, in_axis, idx, weights)
     # Input axes → output axes.
     out = np.transpose(out, perm)
