@@ -3,7 +3,7 @@
 Prints JSON: best of ``--repeats`` seconds per volume (load included) for each variant, and
 whether the baseline and this tree keep the same slices. The baseline's ``braindino_jax`` is
 exported with ``git archive`` and run in a subprocess with it first on PYTHONPATH; this tree
-runs in a subprocess too, so both pay the same start-up and run in the same invocation.
+runs in a subprocess too, and the two alternate round by round in the same invocation.
 
     python benchmarks/resampling_speed.py --baseline 12bc927
     python benchmarks/resampling_speed.py                     # this tree only
@@ -35,43 +35,41 @@ CASES = {
 }
 
 
-def _worker(inputs: Path, out: Path, repeats: int) -> None:
-    """Time every case in this interpreter (whichever braindino_jax it imports)."""
+def _worker(inputs: Path, out: Path) -> None:
+    """Time every case once, after an untimed warm-up, in this interpreter (whichever
+    braindino_jax it imports)."""
     from braindino_jax.preprocessing.config import PrepConfig
     from braindino_jax.preprocessing.volume import preprocess_volume
 
-    timings = {}
+    warm_up = "1.2x1.2x3mm_to_1mm_linear"
+    preprocess_volume(inputs / f"{warm_up}.nii.gz", PrepConfig(**CASES[warm_up][3]))
+    timings = {"module": preprocess_volume.__code__.co_filename}
     for name, (_, _, _, config_kwargs) in CASES.items():
-        config = PrepConfig(**config_kwargs)
-        best = np.inf
-        for _ in range(repeats):
-            start = time.perf_counter()
-            (result,) = preprocess_volume(inputs / f"{name}.nii.gz", config)
-            best = min(best, time.perf_counter() - start)
-        timings[name] = best
+        start = time.perf_counter()
+        (result,) = preprocess_volume(inputs / f"{name}.nii.gz", PrepConfig(**config_kwargs))
+        timings[name] = time.perf_counter() - start
         np.savez(out / f"{name}.npz", slices=result.slices, indices=result.slice_indices,
                  moments=[result.fg_mean, result.fg_std, result.n_slices])
-    (out / "timings.json").write_text(json.dumps({"module": preprocess_volume.__code__.co_filename, **timings}))
+    (out / "timings.json").write_text(json.dumps(timings))
 
 
-def _run_variant(pythonpath: str | None, inputs: Path, out: Path, repeats: int) -> dict:
-    out.mkdir()
+def _run_variant(pythonpath: str | None, inputs: Path, out: Path) -> dict:
+    out.mkdir(exist_ok=True)
     env = dict(os.environ)
     if pythonpath is not None:
         env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
-    command = [sys.executable, __file__, "--worker", str(inputs), str(out), "--repeats", str(repeats)]
-    subprocess.run(command, env=env, check=True, cwd=out)
+    subprocess.run([sys.executable, __file__, "--worker", str(inputs), str(out)], env=env, check=True, cwd=out)
     return json.loads((out / "timings.json").read_text())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", help="git revision to compare against")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; the best of them is reported")
     parser.add_argument("--worker", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        _worker(*args.worker, args.repeats)
+        _worker(*args.worker)
         return
 
     from braindino_jax.preprocessing.phantom import write_phantom
@@ -82,17 +80,25 @@ def main() -> None:
         for name, (spacing, shape, phantom_kwargs, _) in CASES.items():
             write_phantom(inputs / f"{name}.nii.gz", 0, shape=shape, spacing=spacing, orientation="LPS",
                           skull_stripped=True, **phantom_kwargs)
-        current = _run_variant(None, inputs, root / "current", args.repeats)
-        modules = {"current": current.pop("module")}
-        results = {name: {"current_s": round(t, 4)} for name, t in current.items()}
+        variants = {"current": None}
         if args.baseline:
             tree = root / "baseline_tree"
             tree.mkdir()
             archive = subprocess.run(["git", "-C", str(REPO), "archive", args.baseline, "braindino_jax"],
                                      check=True, capture_output=True).stdout
             subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
-            baseline = _run_variant(str(tree), inputs, root / "baseline", args.repeats)
-            modules["baseline"] = baseline.pop("module")
+            variants["baseline"] = str(tree)
+        # Rounds alternate the variants, so a change in machine load hits both alike.
+        best, modules = {v: {} for v in variants}, {}
+        for _ in range(args.repeats):
+            for variant, pythonpath in variants.items():
+                timings = _run_variant(pythonpath, inputs, root / variant)
+                modules[variant] = timings.pop("module")
+                for name, t in timings.items():
+                    best[variant][name] = min(t, best[variant].get(name, np.inf))
+        results = {name: {"current_s": round(t, 4)} for name, t in best["current"].items()}
+        if args.baseline:
+            baseline = best["baseline"]
             for name, row in results.items():
                 a, b = np.load(root / "baseline" / f"{name}.npz"), np.load(root / "current" / f"{name}.npz")
                 same_shape = a["slices"].shape == b["slices"].shape
