@@ -55,7 +55,8 @@ def test_separable_path_equals_affine_transform(flips, permute, kind):
         target = tuple(rng.uniform(0.6, 2.5, 3))
         values = rng.normal(100.0, 30.0, shape)
         data = values.astype(np.int16) if kind == "nearest" else values.astype(np.float32)
-        assert resampling._axis_permutation((np.linalg.inv(affine) @ target_grid(affine, shape, target)[0])[:3, :3]) is not None
+        mapping = np.linalg.inv(affine) @ target_grid(affine, shape, target)[0]
+        assert resampling._axis_permutation(mapping[:3, :3]) is not None  # the separable path runs
         got, got_affine = resample(data, affine, target, kind)
         want, want_affine = _scipy_reference(data, affine, target, kind)
         np.testing.assert_array_equal(got_affine, want_affine)
@@ -131,7 +132,10 @@ def general_path(monkeypatch):
 
     def use_general_path():
         monkeypatch.setattr(resampling, "_axis_permutation", lambda linear: None)
-        monkeypatch.setattr(volume, "covering_box", lambda affine, grid, lo, hi, pad: tuple(slice(0, n) for n in grid[1]))
+        def whole_grid(affine, grid, lo, hi, pad):
+            return tuple(slice(0, n) for n in grid[1])
+
+        monkeypatch.setattr(volume, "covering_box", whole_grid)
 
     return use_general_path
 
@@ -145,10 +149,22 @@ def _edge_touching_volume() -> np.ndarray:
 
 
 CASES = {
-    "phantom_LPS_linear": (dict(orientation="LPS", spacing=(2.4, 2.4, 6.0)), PrepConfig(target_spacing=(2.0, 2.0, 2.0), size=112, margin=4)),
-    "phantom_RAS_cubic_n_slices": (dict(orientation="RAS", spacing=(2.5, 2.2, 5.0)), PrepConfig(target_spacing=(2.0, 2.0, 2.0), interpolation="cubic", n_slices=40, size=112)),
-    "phantom_oblique": (dict(orientation="LAS", oblique_deg=9.0, spacing=(2.4, 2.4, 4.0)), PrepConfig(target_spacing=(2.0, 2.0, 2.0), size=112, margin=4)),
-    "raw_head_otsu_shrunk": (dict(orientation="PIR", spacing=(2.0, 2.4, 2.4), skull_stripped=False), PrepConfig(target_spacing=(2.2, 2.2, 2.2), mask_method="otsu", size=48, margin=6)),
+    "phantom_LPS_linear": (
+        dict(orientation="LPS", spacing=(2.4, 2.4, 6.0)),
+        PrepConfig(target_spacing=(2.0, 2.0, 2.0), size=112, margin=4),
+    ),
+    "phantom_RAS_cubic_n_slices": (
+        dict(orientation="RAS", spacing=(2.5, 2.2, 5.0)),
+        PrepConfig(target_spacing=(2.0, 2.0, 2.0), interpolation="cubic", n_slices=40, size=112),
+    ),
+    "phantom_oblique": (
+        dict(orientation="LAS", oblique_deg=9.0, spacing=(2.4, 2.4, 4.0)),
+        PrepConfig(target_spacing=(2.0, 2.0, 2.0), size=112, margin=4),
+    ),
+    "raw_head_otsu_shrunk": (
+        dict(orientation="PIR", spacing=(2.0, 2.4, 2.4), skull_stripped=False),
+        PrepConfig(target_spacing=(2.2, 2.2, 2.2), mask_method="otsu", size=48, margin=6),
+    ),
     "edge_touching": (None, PrepConfig(target_spacing=(1.0, 1.0, 0.8), size=64, margin=10)),
 }
 
