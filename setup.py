@@ -41,6 +41,8 @@ setup(
             "torch>=2.4,<=2.14.1",
             "torchvision>=0.19,<=0.29.1",
             "timm>=1.0.20",
+            # An established second reference for the DINO, iBOT, KoLeo and Sinkhorn tests.
+            "lightly>=1.5",
         ],
         "beam": ["apache-beam>=2.60"],
     },
