@@ -27,3 +27,17 @@ def to_canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.n
     out = orientations.apply_orientation(data, ornt)
     new_affine = affine @ orientations.inv_ornt_aff(ornt, data.shape[:3])
     return out, new_affine
+
+
+def reduce_unreversed(func, data: np.ndarray, axis: int | tuple[int, ...]) -> np.ndarray:
+    """``func(data, axis=axis)`` (e.g. np.any, np.sum), computed over ``data`` with its
+    reversed axes put back in memory order and the result reversed to match.
+
+    ``to_canonical`` returns views with negative strides, and numpy's reductions over those run
+    several times slower than over the same memory read forwards.
+    """
+    axes = {axis} if isinstance(axis, int) else set(axis)
+    reversed_axes = tuple(i for i, step in enumerate(data.strides) if step < 0)
+    out = func(np.flip(data, reversed_axes), axis=axis)
+    kept = [i for i in range(data.ndim) if i not in axes]
+    return np.flip(out, tuple(j for j, i in enumerate(kept) if i in reversed_axes))

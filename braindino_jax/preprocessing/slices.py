@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from braindino_jax.preprocessing.orientation import reduce_unreversed
+
 
 def foreground_fractions(mask: np.ndarray, plane_size: int | None = None) -> np.ndarray:
     """Fraction of foreground pixels in each axial slice (last axis) of a 3D mask, float64 [Z].
@@ -11,7 +13,7 @@ def foreground_fractions(mask: np.ndarray, plane_size: int | None = None) -> np.
     ``plane_size`` is the pixel count of a whole slice when ``mask`` is a crop of the volume
     that holds all its foreground (default: the mask's own slice size).
     """
-    counts = np.count_nonzero(mask, axis=(0, 1))
+    counts = reduce_unreversed(_count_true, mask, axis=(0, 1))
     return counts / float(plane_size if plane_size is not None else mask.shape[0] * mask.shape[1])
 
 
@@ -31,3 +33,8 @@ def select_slices(
         return passing.astype(np.int32)
     positions = np.linspace(passing[0], passing[-1], n_slices)
     return np.floor(positions + 0.5).astype(np.int32)
+
+
+def _count_true(mask: np.ndarray, axis: tuple[int, ...]) -> np.ndarray:
+    """True count along ``axis``: a byte sum, several times faster than np.count_nonzero's."""
+    return mask.view(np.uint8).sum(axis=axis, dtype=np.int64)

@@ -1,9 +1,12 @@
 """preprocess_volume: one NIfTI/Analyze file → uint8 axial slices plus the metadata records need.
 
-The order of steps matters for cost: the foreground mask is found on the source grid, the volume
-is resampled only when its spacing or obliquity requires it, and then only over the output box
-that can hold foreground; intensity statistics are taken once over the foreground, and only the
-kept slices inside the crop box are scaled to uint8.
+The order of steps matters for cost: the foreground mask is found on the source grid, in the
+file's own memory layout (numpy passes over the flipped views that reorientation makes are
+several times slower) and, for integer data with a "nonzero" mask, on the stored integers. The
+volume is resampled only when its spacing or obliquity requires it, and then only over the
+output box that can hold foreground. Without resampling, only the foreground box (a brain fills
+a fifth of a typical field of view) is converted to float32. Intensity statistics are taken
+once over the foreground, and only the kept slices inside the crop box are scaled to uint8.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from braindino_jax.preprocessing.foreground import foreground_mask
 from braindino_jax.preprocessing.inplane import bounding_box, pad_to_square, shrink_to_fit
 from braindino_jax.preprocessing.intensity import IntensityScale, fit_intensity_scale, zero_nonfinite
 from braindino_jax.preprocessing.loading import LoadedVolume, load_volume
-from braindino_jax.preprocessing.orientation import axis_codes, to_canonical
+from braindino_jax.preprocessing.orientation import axis_codes, reduce_unreversed, to_canonical
 from braindino_jax.preprocessing.resampling import (
     covering_box,
     needs_resampling,
@@ -57,14 +60,14 @@ def preprocess_volume(path: str | os.PathLike, config: PrepConfig) -> list[Prepa
     """
     config.validate()
     loaded = load_volume(path)
-    if loaded.data.ndim == 4:
-        n_volumes = loaded.data.shape[3]
+    if loaded.stored.ndim == 4:
+        n_volumes = loaded.stored.shape[3]
         if config.four_d_policy == "skip":
             raise VolumeError(path, f"4D image with {n_volumes} volumes and four_d_policy='skip'")
         indices = range(n_volumes) if config.four_d_policy == "all" else range(1)
-        volumes = [(t, loaded.data[..., t]) for t in indices]
+        volumes = [(t, loaded.stored[..., t]) for t in indices]
     else:
-        volumes = [(0, loaded.data)]
+        volumes = [(0, loaded.stored)]
     orientation = axis_codes(loaded.affine)
     return [_prepare_3d(path, loaded, vol, t, orientation, config) for t, vol in volumes]
 
@@ -72,30 +75,37 @@ def preprocess_volume(path: str | os.PathLike, config: PrepConfig) -> list[Prepa
 def _prepare_3d(
     path: str | os.PathLike,
     loaded: LoadedVolume,
-    vol: np.ndarray,
+    stored: np.ndarray,
     volume_index: int,
     orientation: str,
     config: PrepConfig,
 ) -> PreparedVolume:
-    where = f" (volume {volume_index} of the 4D series)" if loaded.data.ndim == 4 else ""
-    finite, nan_count = None, 0
-    if loaded.may_be_nonfinite:
-        vol, finite, nan_count = zero_nonfinite(vol)
-        if nan_count == vol.size:
-            raise VolumeError(path, f"all {vol.size} voxels are NaN or Inf{where}")
-    data, affine = to_canonical(vol, loaded.affine)
-    if finite is not None:
-        finite = to_canonical(finite, loaded.affine)[0]
-    mask = foreground_mask(data, config.mask_method, config.mask_percentile, finite)
-    if not mask.any():
-        if not data.any():
+    where = f" (volume {volume_index} of the 4D series)" if loaded.stored.ndim == 4 else ""
+    zero = loaded.stored_zero() if config.mask_method == "nonzero" else None
+    nan_count = 0
+    if zero is not None:
+        # Exactly the voxels whose float32 value is nonzero, found without converting any.
+        mask, data = stored != zero, None
+        if not mask.any():
             raise VolumeError(path, f"all voxels are zero{where}")
-        raise VolumeError(path, f"no foreground voxels with mask_method={config.mask_method!r}{where}")
+    else:
+        data, finite = loaded.to_float32(stored), None
+        if loaded.may_be_nonfinite:
+            data, finite, nan_count = zero_nonfinite(data)
+            if nan_count == data.size:
+                raise VolumeError(path, f"all {data.size} voxels are NaN or Inf{where}")
+        mask = foreground_mask(data, config.mask_method, config.mask_percentile, finite)
+        if not mask.any():
+            if not data.any():
+                raise VolumeError(path, f"all voxels are zero{where}")
+            raise VolumeError(path, f"no foreground voxels with mask_method={config.mask_method!r}{where}")
+    mask, affine = to_canonical(mask, loaded.affine)
 
-    full_shape, origin = data.shape, (0, 0, 0)
+    full_shape, origin = mask.shape, (0, 0, 0)
     if needs_resampling(affine, config.target_spacing):
         # Only the part of the output grid that can hold foreground (plus the in-plane margin
         # the framing reads) is computed; outside it the resampled mask is exactly 0.
+        data = to_canonical(loaded.to_float32(stored) if data is None else data, loaded.affine)[0]
         grid = target_grid(affine, data.shape, config.target_spacing)
         lo, hi = _index_extent(mask)
         box = covering_box(affine, grid, lo, hi, pad=(config.margin, config.margin, 0))
@@ -105,6 +115,8 @@ def _prepare_3d(
         affine, full_shape, origin = grid[0], grid[1], tuple(s.start for s in box)
         if not mask.any():
             raise VolumeError(path, f"foreground vanished when resampling to {config.target_spacing} mm{where}")
+    else:
+        data = to_canonical(stored if data is None else data, loaded.affine)[0]
 
     # Fractions are of the whole axial plane of the (resampled) grid, indexed along its axis.
     fractions = np.zeros(full_shape[2])
@@ -120,8 +132,10 @@ def _prepare_3d(
     # a fraction of the field of view, and boolean gathers over the full volume dominate cost.
     box = _foreground_box(mask, np.flatnonzero(fractions) - origin[2], config.margin)
     data, mask = data[box], mask[box]
+    if data.dtype != np.float32:  # still the stored integers: scale only the box
+        data = loaded.to_float32(data)
     try:
-        scale = fit_intensity_scale(data[mask], config.clip_percentiles)
+        scale = fit_intensity_scale(_foreground_values(data, mask), config.clip_percentiles)
     except ValueError as exc:
         raise VolumeError(path, f"{exc}{where}") from exc
 
@@ -133,7 +147,7 @@ def _prepare_3d(
         spacing=voxel_spacing(affine),
         fg_mean=scale.fg_mean,
         fg_std=scale.fg_std,
-        source_shape=tuple(int(n) for n in loaded.data.shape),
+        source_shape=tuple(int(n) for n in loaded.stored.shape),
         source_spacing=loaded.spacing,
         orientation=orientation,
         nan_count=nan_count,
@@ -142,11 +156,22 @@ def _prepare_3d(
     )
 
 
+def _foreground_values(data: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``data[mask]`` (a fresh 1D array, in C order of the canonical axes), gathered fast.
+
+    The order is part of the result: the intensity moments are float sums over this array.
+    Through the flipped, transposed views that reorientation leaves, a boolean gather reads
+    one cache line per voxel; copying both arrays to C order first is cheaper (the mask via a
+    compact copy in memory order: a transposing copy out of a sparse view is slower still).
+    """
+    return np.ascontiguousarray(data)[np.ascontiguousarray(mask.copy(order="K"))]
+
+
 def _index_extent(mask: np.ndarray) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """First and last index (inclusive) of the foreground along each axis of a 3D mask."""
-    footprint = mask.any(axis=2)
+    footprint = reduce_unreversed(np.any, mask, axis=2)
     ranges = [np.flatnonzero(footprint.any(axis=1)), np.flatnonzero(footprint.any(axis=0)),
-              np.flatnonzero(mask.any(axis=(0, 1)))]
+              np.flatnonzero(reduce_unreversed(np.any, mask, axis=(0, 1)))]
     return tuple(int(r[0]) for r in ranges), tuple(int(r[-1]) for r in ranges)
 
 
@@ -154,7 +179,7 @@ def _foreground_box(mask: np.ndarray, zs: np.ndarray, margin: int) -> tuple[slic
     """Index box of all foreground voxels (``zs``: the axial indices holding some), widened
     in-plane by ``margin`` (clipped)."""
     axial = slice(int(zs[0]), int(zs[-1]) + 1)
-    footprint = mask[:, :, axial].any(axis=2)
+    footprint = reduce_unreversed(np.any, mask[:, :, axial], axis=2)
     xs, ys = np.flatnonzero(footprint.any(axis=1)), np.flatnonzero(footprint.any(axis=0))
     nx, ny = footprint.shape
     return (
@@ -174,7 +199,7 @@ def _frame_slices(
     shares one in-plane frame.
     """
     slab = slice(int(kept.min()), int(kept.max()) + 1)
-    box = bounding_box(mask[:, ::-1, slab].any(axis=2).T, config.margin)
+    box = bounding_box(reduce_unreversed(np.any, mask[:, ::-1, slab], axis=2).T, config.margin)
     r0, r1, c0, c1 = box  # not None: the kept slices hold foreground
     n_y = data.shape[1]
     ys = slice(n_y - r1, n_y - r0)
