@@ -1,10 +1,14 @@
-"""Local data preparation: a process pool over volumes, then one deterministic finalise step.
+"""Local data preparation: a process pool over volumes, then a deterministic finalise step
+that writes the shards in parallel on the same pool.
 
 Resumable by construction. Each worker writes a volume's records to `<out>/_work/<key>.array_record`
 and then its manifest row to `<key>.json` (the commit marker), both atomically. A re-run reuses
 every volume whose marker matches the file's sha256, the metadata and the preprocessing config,
 and redoes the rest. Finalising always rebuilds the shards from the work files in input order,
 so a run that was killed and resumed writes exactly the shards an uninterrupted run writes.
+Each shard is one finalise task: it reads its records by index from the work files (the shard
+rule in `shards` says which) and copies their bytes as they are, so finalising scales with the
+workers instead of capping the pool at one process's speed.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from braindino_jax.data import manifest, records, shards
@@ -124,7 +129,7 @@ def process_cached(index: int, volume: InputVolume, config: PrepConfig, work_dir
     row["timings"]["hash_s"] = hash_s
     if row["status"] == manifest.OK:
         t = time.perf_counter()
-        shards.write_array_record(rec_path, result.records)
+        shards.write_array_record(rec_path, result.records, shards.WORK_OPTIONS)
         write_atomic(marker_path, json.dumps({"identity": _identity(volume, config, row["sha256"]),
                                               "row": row}).encode())
         row["timings"]["write_s"] = time.perf_counter() - t
@@ -132,57 +137,121 @@ def process_cached(index: int, volume: InputVolume, config: PrepConfig, work_dir
     return row
 
 
-def _process_all(tasks: list[tuple[int, InputVolume]], options: RunOptions, work_dir: Path) -> list[dict]:
-    """Run `process_cached` over the tasks, in-process for one worker, else in a process pool."""
+class _WorkerPool:
+    """The spawn-context process pool both phases share, started on first use, replaced when a
+    worker dies."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self._executor: cf.ProcessPoolExecutor | None = None
+
+    def get(self) -> cf.ProcessPoolExecutor:
+        if self._executor is None:
+            context = multiprocessing.get_context("spawn")  # no fork: the parent may hold JAX threads
+            self._executor = cf.ProcessPoolExecutor(self.workers, mp_context=context)
+        return self._executor
+
+    def discard(self, wait: bool = True) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=wait, cancel_futures=True)
+            self._executor = None
+
+
+def _process_all(
+    tasks: list[tuple[int, InputVolume]], options: RunOptions, work_dir: Path, pool: _WorkerPool | None
+) -> list[dict]:
+    """Run `process_cached` over the tasks, in-process without a pool."""
     bar = tqdm(total=len(tasks), unit="vol", desc="preparing", disable=not options.progress, smoothing=0.1)
     rows = []
     try:
-        if options.workers == 1:
+        if pool is None:
             for index, volume in tasks:
                 rows.append(process_cached(index, volume, options.config, work_dir))
                 bar.update()
             return rows
         pending = list(reversed(tasks))
-        window = 4 * options.workers
-        context = multiprocessing.get_context("spawn")  # no fork: the parent may hold JAX threads
+        window = 4 * pool.workers
         while pending:
-            with cf.ProcessPoolExecutor(options.workers, mp_context=context) as pool:
-                in_flight: dict[cf.Future, tuple[int, InputVolume]] = {}
-                try:
-                    while pending or in_flight:
-                        while pending and len(in_flight) < window:
-                            index, volume = pending.pop()
-                            future = pool.submit(process_cached, index, volume, options.config, work_dir)
-                            in_flight[future] = (index, volume)
-                        done, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
-                        for future in done:
-                            rows.append(future.result())
-                            del in_flight[future]
-                            bar.update()
-                except cf.process.BrokenProcessPool:
-                    # A worker died (out of memory, a crash in a decoder). Volumes without a result
-                    # are recorded as failed (a re-run retries them); a fresh pool takes the rest.
-                    for future, (index, volume) in in_flight.items():
-                        if future.done() and not future.cancelled() and future.exception() is None:
-                            rows.append(future.result())
-                        else:
-                            rows.append(base_row(index, volume, manifest.FAILED,
-                                                 "worker process died while preparing this volume"))
+            executor = pool.get()
+            in_flight: dict[cf.Future, tuple[int, InputVolume]] = {}
+            try:
+                while pending or in_flight:
+                    while pending and len(in_flight) < window:
+                        index, volume = pending.pop()
+                        future = executor.submit(process_cached, index, volume, options.config, work_dir)
+                        in_flight[future] = (index, volume)
+                    done, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
+                    for future in done:
+                        rows.append(future.result())
+                        del in_flight[future]
                         bar.update()
-                except BaseException:
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    raise
+            except cf.process.BrokenProcessPool:
+                # A worker died (out of memory, a crash in a decoder). Volumes without a result
+                # are recorded as failed (a re-run retries them); a fresh pool takes the rest.
+                for future, (index, volume) in in_flight.items():
+                    if future.done() and not future.cancelled() and future.exception() is None:
+                        rows.append(future.result())
+                    else:
+                        rows.append(base_row(index, volume, manifest.FAILED,
+                                             "worker process died while preparing this volume"))
+                    bar.update()
+                pool.discard()
+            except BaseException:
+                pool.discard(wait=False)
+                raise
         return rows
     finally:
         bar.close()
 
 
-def finalise(rows: list[dict], options: RunOptions, work_dir: Path) -> dict[str, Any]:
-    """Deal every good volume's records into balanced shards; write manifest, card and QC."""
+def write_shard(
+    temp: Path, sources: list[tuple[str, str, int, np.ndarray]], qc: tuple[int, int, int]
+) -> tuple[int, QcSampler]:
+    """One finalise task: copy a shard's records from the work files into `temp`, in order.
+
+    `sources` holds, per contributing volume, (work file, input path, its record count, indices
+    of the records this shard takes); `qc` the sampler's (per_dataset, worst, seed). Returns the
+    number of records written and the QC sample of this shard, to merge with the others.
+    """
+    sampler = QcSampler(*qc)
+
+    def records_in_order():
+        for work_file, source_path, count, indices in sources:
+            key = Path(work_file).stem
+            try:
+                data = shards.read_array_record(work_file, indices, expect=count)
+            except shards.ShardError as exc:
+                raise shards.ShardError(f"work file for {source_path}: {exc}; delete it and re-run") from exc
+            for j, record_bytes in zip(indices, data):
+                sampler.observe(f"{key}/{j}", records.decode(record_bytes))
+                yield record_bytes
+
+    return shards.write_array_record(temp, records_in_order()), sampler
+
+
+def _map_ordered(pool: _WorkerPool | None, fn, arg_lists: list[tuple]) -> list:
+    """`[fn(*args) for args in arg_lists]`, on the pool when there is one."""
+    if pool is None:
+        return [fn(*args) for args in arg_lists]
+    executor = pool.get()
+    try:
+        futures = [executor.submit(fn, *args) for args in arg_lists]
+        return [f.result() for f in futures]
+    except BaseException:
+        pool.discard(wait=False)
+        raise
+
+
+def finalise(
+    rows: list[dict], options: RunOptions, work_dir: Path, pool: _WorkerPool | None = None
+) -> dict[str, Any]:
+    """Deal every good volume's records into balanced shards, one task per shard (on `pool`
+    when given); then write manifest, card and QC."""
     out_dir = Path(options.out_dir)
     rows = sorted(rows, key=lambda r: r["index"])
     ok = [r for r in rows if r["status"] == manifest.OK]
-    total_records = sum(r["slices_kept"] for r in ok)
+    counts = [r["slices_kept"] for r in ok]
+    total_records = sum(counts)
     sampler = QcSampler(options.qc_per_dataset, options.qc_worst, options.seed)
     shard_paths: list[Path] = []
     shard_counts: list[int] = []
@@ -193,20 +262,19 @@ def finalise(rows: list[dict], options: RunOptions, work_dir: Path) -> dict[str,
             options.target_shard_records,
             options.target_shard_bytes,
         )
-        offsets = shards.record_offsets([r["slices_kept"] for r in ok])
-        with shards.ShardSetWriter(out_dir, options.shard_prefix, n_shards) as writer:
-            for row, offset in zip(ok, offsets):
-                data = shards.read_array_record(_work_paths(work_dir, row["key"])[0])
-                if len(data) != row["slices_kept"]:
-                    raise shards.ShardError(
-                        f"{work_dir}: work file for {row['path']} holds {len(data)} records, "
-                        f"expected {row['slices_kept']}; delete it and re-run"
-                    )
-                for j, record_bytes in enumerate(data):
-                    writer.write(shards.shard_of(offset, j, n_shards), record_bytes)
-                    sampler.observe(f"{row['key']}/{j}", records.decode(record_bytes))
-            shard_paths = writer.commit()
-            shard_counts = writer.counts
+        work_files = [str(_work_paths(work_dir, r["key"])[0]) for r in ok]
+        qc = (options.qc_per_dataset, options.qc_worst, options.seed)
+        with shards.ShardSet(out_dir, options.shard_prefix, n_shards) as shard_set:
+            tasks = [
+                (temp, [(work_files[v], ok[v]["path"], counts[v], indices)
+                        for v, indices in shards.shard_members(s, n_shards, counts)], qc)
+                for s, temp in enumerate(shard_set.temps)
+            ]
+            written = _map_ordered(pool, write_shard, tasks)
+            shard_paths = shard_set.commit()
+        shard_counts = [n for n, _ in written]
+        for _, part in written:
+            sampler.merge(part)
     else:
         for stale in shards.find_shard_files(out_dir, options.shard_prefix):
             stale.unlink()
@@ -232,8 +300,13 @@ def run_local(
     work_dir = Path(options.out_dir) / WORK_DIR
     work_dir.mkdir(parents=True, exist_ok=True)
     tasks, skipped = plan_tasks(volumes, exclusions or set())
-    rows = skipped + _process_all(tasks, options, work_dir)
-    result = finalise(rows, options, work_dir)
+    pool = _WorkerPool(options.workers) if options.workers > 1 else None
+    try:
+        rows = skipped + _process_all(tasks, options, work_dir, pool)
+        result = finalise(rows, options, work_dir, pool)
+    finally:
+        if pool is not None:
+            pool.discard()
     if options.clean_work:
         shutil.rmtree(work_dir)
     return RunSummary.from_rows(

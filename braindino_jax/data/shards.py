@@ -3,8 +3,10 @@
 Shards use `group_size:1` so that Grain can read any record without decoding its neighbours,
 and zstd to keep them small. A volume's slices are dealt round-robin over the shards (record
 `j` of a volume whose records start at global offset `o` goes to shard `(o + j) % n`), so each
-shard holds a near-equal number of records and no shard is dominated by one subject. Files
-appear under their final names only once complete (temp file + rename).
+shard holds a near-equal number of records and no shard is dominated by one subject. Because
+the rule is arithmetic, each shard can be written on its own (`shard_members` says which records
+it takes), so several processes write a set in parallel. Files appear under their final names
+only once complete (temp file + rename), and a set only once all its shards are (`ShardSet`).
 """
 
 from __future__ import annotations
@@ -15,9 +17,14 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
 WRITER_OPTIONS = "group_size:1,zstd:1"  # level 1: as small as 3 on uint8 slices, faster
+# Per-volume work files are read once, into the shards: snappy writes twice as fast as zstd:1 and
+# keeps them a quarter of their raw size; the shards are compressed with zstd once, at the end.
+WORK_OPTIONS = "group_size:1,snappy"
+RANDOM_ACCESS = "readahead_buffer_size:0,max_parallelism:0"
 SHARD_SUFFIX = ".array_record"
 
 
@@ -64,15 +71,32 @@ def shard_of(offset: int, index_in_volume: int, n_shards: int) -> int:
     return (offset + index_in_volume) % n_shards
 
 
-def _temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def shard_members(shard: int, n_shards: int, counts: Sequence[int]) -> list[tuple[int, np.ndarray]]:
+    """The records shard `shard` receives, in the order it stores them.
+
+    `counts` are the volumes' record counts in input order. Returns (volume number, indices of
+    its records) pairs, volumes ascending and indices ascending: exactly the records that
+    `shard_of` assigns to `shard`, in global order.
+    """
+    starts = np.asarray(record_offsets(counts), dtype=np.int64)
+    total = int(starts[-1] + counts[-1]) if len(counts) else 0
+    positions = np.arange(shard, total, n_shards, dtype=np.int64)
+    volumes = np.searchsorted(starts, positions, side="right") - 1
+    indices = positions - starts[volumes]
+    cuts = np.flatnonzero(np.diff(volumes)) + 1
+    return [(int(v[0]), j) for v, j in zip(np.split(volumes, cuts), np.split(indices, cuts)) if v.size]
 
 
-def write_array_record(path: str | os.PathLike, records: Iterable[bytes]) -> int:
+def temp_path(path: Path, tag: int | None = None) -> Path:
+    """Hidden name beside `path` for writing it; `tag` (default: this process) keeps writers apart."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid() if tag is None else tag}")
+
+
+def write_array_record(path: str | os.PathLike, records: Iterable[bytes], options: str = WRITER_OPTIONS) -> int:
     """Write one ArrayRecord file atomically; returns the number of records written."""
     path = Path(path)
-    tmp = _temp_path(path)
-    writer = ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
+    tmp = temp_path(path)
+    writer = ArrayRecordWriter(str(tmp), options)
     count = 0
     try:
         for record in records:
@@ -87,24 +111,37 @@ def write_array_record(path: str | os.PathLike, records: Iterable[bytes]) -> int
     return count
 
 
-def read_array_record(path: str | os.PathLike) -> list[bytes]:
-    """All records of one ArrayRecord file, in order."""
+def read_array_record(
+    path: str | os.PathLike, indices: Sequence[int] | None = None, expect: int | None = None
+) -> list[bytes]:
+    """All records of one ArrayRecord file in order, or those at `indices` (random access).
+
+    `expect`: the number of records the file must hold; ShardError otherwise.
+    """
     path = Path(path)
     if not path.is_file():
         raise ShardError(f"{path}: no such ArrayRecord file")
-    reader = ArrayRecordReader(str(path))
+    reader = ArrayRecordReader(str(path), "" if indices is None else RANDOM_ACCESS)
     try:
-        return list(reader.read_all())
+        count = reader.num_records()
+        if expect is not None and count != expect:
+            raise ShardError(f"{path}: holds {count} records, expected {expect}")
+        if indices is None:
+            return list(reader.read_all())
+        if len(indices) and not 0 <= min(indices) <= max(indices) < count:
+            raise ShardError(f"{path}: holds {count} records, asked for index {max(indices)}")
+        return reader.read([int(i) for i in indices])
     finally:
         reader.close()
 
 
-class ShardSetWriter:
-    """Writes `n_shards` shards side by side, then publishes them all at once.
+class ShardSet:
+    """`n_shards` shards written side by side, by any processes, then published all at once.
 
-    Records are streamed into temp files; `commit()` renames them to their final names and
-    deletes shards with the same prefix left by an earlier run with a different shard count.
-    Leaving the context without `commit()` (an exception, Ctrl-C) removes the temp files.
+    Writers write shard `i` to `temps[i]` (e.g. with `write_array_record`). `commit()` renames
+    them to their final names and deletes shards with the same prefix left by an earlier run
+    with a different shard count. Leaving the context without `commit()` (an exception, Ctrl-C)
+    removes the temp files.
     """
 
     def __init__(self, out_dir: str | os.PathLike, prefix: str, n_shards: int):
@@ -113,25 +150,17 @@ class ShardSetWriter:
         self.out_dir = Path(out_dir)
         self.prefix = prefix
         self.paths = [shard_path(out_dir, prefix, i, n_shards) for i in range(n_shards)]
-        self.counts = [0] * n_shards
-        self._temps = [_temp_path(p) for p in self.paths]
-        self._writers: list[ArrayRecordWriter] | None = None
+        self.temps = [temp_path(p) for p in self.paths]
+        self._committed = False
 
-    def __enter__(self) -> "ShardSetWriter":
+    def __enter__(self) -> "ShardSet":
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._writers = [ArrayRecordWriter(str(t), WRITER_OPTIONS) for t in self._temps]
         return self
 
-    def write(self, shard: int, record: bytes) -> None:
-        self._writers[shard].write(record)
-        self.counts[shard] += 1
-
     def commit(self) -> list[Path]:
-        for writer in self._writers:
-            writer.close()
-        self._writers = None
-        for tmp, path in zip(self._temps, self.paths):
+        for tmp, path in zip(self.temps, self.paths):
             os.replace(tmp, path)
+        self._committed = True
         keep = set(self.paths)
         for stale in find_shard_files(self.out_dir, self.prefix):
             if stale not in keep:
@@ -139,12 +168,9 @@ class ShardSetWriter:
         return self.paths
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self._writers is not None:
-            for writer in self._writers:
-                writer.close()
-            for tmp in self._temps:
+        if not self._committed:
+            for tmp in self.temps:
                 tmp.unlink(missing_ok=True)
-            self._writers = None
 
 
 def find_shard_files(out_dir: str | os.PathLike, prefix: str) -> list[Path]:

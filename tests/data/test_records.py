@@ -100,13 +100,14 @@ def test_shards_round_trip_through_grain(tmp_path):
     assert n_shards == 4
     offsets = shards.record_offsets(volume_counts)
     expected = [[] for _ in range(n_shards)]
-    with shards.ShardSetWriter(tmp_path, "train", n_shards) as writer:
-        for offset, volume in zip(offsets, volumes):
-            for j, record in enumerate(volume):
-                shard = shards.shard_of(offset, j, n_shards)
-                writer.write(shard, records.encode(record))
-                expected[shard].append(record)
-        paths = writer.commit()
+    for offset, volume in zip(offsets, volumes):
+        for j, record in enumerate(volume):
+            expected[shards.shard_of(offset, j, n_shards)].append(record)
+    with shards.ShardSet(tmp_path, "train", n_shards) as shard_set:
+        for s, temp in enumerate(shard_set.temps):  # each shard on its own, as parallel writers do
+            members = shards.shard_members(s, n_shards, volume_counts)
+            shards.write_array_record(temp, (records.encode(volumes[v][j]) for v, js in members for j in js))
+        paths = shard_set.commit()
     assert [p.name for p in paths] == [f"train-{i:05d}-of-00004.array_record" for i in range(4)]
     assert shards.list_shards(tmp_path, "train") == paths
     assert not list(tmp_path.glob(".*tmp*"))
@@ -129,10 +130,10 @@ def test_rewrite_with_fewer_shards_removes_stale_ones(tmp_path):
     rng = np.random.default_rng(5)
     data = records.encode(_record(rng))
     for n in (3, 2):
-        with shards.ShardSetWriter(tmp_path, "train", n) as writer:
-            for i in range(n):
-                writer.write(i, data)
-            writer.commit()
+        with shards.ShardSet(tmp_path, "train", n) as shard_set:
+            for temp in shard_set.temps:
+                shards.write_array_record(temp, [data])
+            shard_set.commit()
     assert [p.name for p in shards.list_shards(tmp_path, "train")] == [
         "train-00000-of-00002.array_record", "train-00001-of-00002.array_record"]
 
@@ -140,8 +141,8 @@ def test_rewrite_with_fewer_shards_removes_stale_ones(tmp_path):
 def test_interrupted_shard_write_leaves_nothing(tmp_path):
     rng = np.random.default_rng(6)
     with pytest.raises(KeyboardInterrupt):
-        with shards.ShardSetWriter(tmp_path, "train", 2) as writer:
-            writer.write(0, records.encode(_record(rng)))
+        with shards.ShardSet(tmp_path, "train", 2) as shard_set:
+            shards.write_array_record(shard_set.temps[0], [records.encode(_record(rng))])
             raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(shards.ShardError, match="no shards"):

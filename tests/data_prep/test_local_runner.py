@@ -210,6 +210,14 @@ def test_resume_after_crash_writes_the_same_shards(tmp_path, monkeypatch, capsys
     assert [p.name for p in shards.list_shards(resumed, "slices")] == [
         p.name for p in shards.list_shards(tmp_path / "clean", "slices")]
 
+    # Two workers write the shards in parallel, one task per shard: the same files, byte for byte.
+    assert prep.main(["--root", f"ds={inputs}", "--workers", "2", "--shard-size", "7", *SMALL,
+                      "--out", str(tmp_path / "parallel")]) == 0
+    clean_files = shards.list_shards(tmp_path / "clean", "slices")
+    parallel_files = shards.list_shards(tmp_path / "parallel", "slices")
+    assert [p.read_bytes() for p in parallel_files] == [p.read_bytes() for p in clean_files]
+    assert not list((tmp_path / "parallel").glob(".*tmp*"))
+
 
 def test_subject_exclusion_and_changed_inputs(tmp_path, capsys):
     inputs = tmp_path / "in"

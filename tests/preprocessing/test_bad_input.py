@@ -46,6 +46,25 @@ def test_corrupt_gzip_stream(tmp_path, blob):
     _expect(path, "corrupt|truncated|do not match")
 
 
+def test_gzip_checksum_is_verified(tmp_path, blob):
+    """A stream whose deflate data decode but whose CRC32 trailer disagrees is rejected."""
+    path = _save(tmp_path, blob().astype(np.int16))
+    data = bytearray(path.read_bytes())
+    data[-8] ^= 0xFF  # first byte of the CRC32 trailer
+    path.write_bytes(bytes(data))
+    _expect(path, "corrupt or truncated compressed data")
+
+
+def test_multi_member_gzip_reads_whole(tmp_path, blob):
+    """A .nii.gz written as two gzip members (as parallel compressors do) loads all its voxels."""
+    path = _save(tmp_path, blob().astype(np.int16))
+    raw = gzip.decompress(path.read_bytes())
+    split = tmp_path / "split.nii.gz"
+    split.write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]) + bytes(16))
+    want, got = preprocess_volume(path, CONFIG), preprocess_volume(split, CONFIG)
+    assert np.array_equal(got[0].slices, want[0].slices) and got[0].fg_mean == want[0].fg_mean
+
+
 def test_header_dims_disagree_with_data_size(tmp_path, blob):
     for name in ("short.nii", "short.nii.gz"):
         img = nib.Nifti1Image(blob().astype(np.int16), np.eye(4))
