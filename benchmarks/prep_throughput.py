@@ -3,7 +3,13 @@
 Prints JSON. For each input kind it times, per volume, (a) `np.asanyarray(nib.load(p).dataobj)`
 (read + decompress + scale) and (b) the whole job of one worker: hash, load, orient, resample,
 mask, scale, select, encode, write the work file, plus the volume's share of the finalise step
-(re-reading its records into shards, QC, manifest). Best of `--repeats` for both.
+(re-reading its records into shards, QC, manifest). Best of `--repeats` for both, measured in
+the same run, with the default PrepConfig (output size from `--size`).
+
+`finalise_scaling` times the finalise step alone (shards, QC, manifest, card) over the work files
+of `--scaling-volumes` volumes dealt into 8 shards, in-process and on a warm pool of 2 and
+`--workers` processes: the shard tasks run in parallel, so finalising should scale with workers
+up to the shard count (on a 2-core machine, 2 is the most that can show).
 
     python benchmarks/prep_throughput.py                 # 256^3 at 1 mm, and 1.2x1.2x3 mm resampled
     python benchmarks/prep_throughput.py --volumes 3 --repeats 3
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -72,11 +79,50 @@ def _measure(folder: Path, config: PrepConfig, repeats: int) -> dict:
     }
 
 
+def _finalise_scaling(folder: Path, n_volumes: int, repeats: int, pool_sizes: list[int]) -> dict:
+    """Best-of-`repeats` finalise time over the same work files, serial and on warm pools."""
+    for i in range(n_volumes):
+        write_phantom(folder / f"sub-{i:02d}_T1w.nii.gz", 100 + i, shape=(192, 192, 160), spacing=(1.0, 1.0, 1.0),
+                      orientation="LPS", skull_stripped=True)
+    config = PrepConfig(target_spacing=None)
+    volumes = discover([f"bench={folder}"])
+    out = Path(tempfile.mkdtemp(prefix="prep-bench-finalise-"))
+    try:
+        work = out / local_runner.WORK_DIR
+        work.mkdir(parents=True)
+        rows = [local_runner.process_cached(i, v, config, work) for i, v in enumerate(volumes)]
+        total = sum(r["slices_kept"] for r in rows)
+        options = RunOptions(out_dir=out, config=config, workers=1, progress=False,
+                             target_shard_records=-(-total // 8), target_shard_bytes=None)
+        result = {"volumes": n_volumes, "records": total, "shards": 8}
+        for workers in [1, *pool_sizes]:
+            pool = local_runner.WorkerPool(workers) if workers > 1 else None
+            try:
+                local_runner.finalise(rows, options, work, pool)  # warm-up: starts the pool's processes
+                times = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    local_runner.finalise(rows, options, work, pool)
+                    times.append(time.perf_counter() - start)
+            finally:
+                if pool is not None:
+                    pool.discard()
+            result[f"finalise_s_workers_{workers}"] = round(min(times), 4)
+        for workers in pool_sizes:
+            result[f"speedup_workers_{workers}"] = round(result["finalise_s_workers_1"]
+                                                         / result[f"finalise_s_workers_{workers}"], 2)
+        return result
+    finally:
+        shutil.rmtree(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--volumes", type=int, default=2, help="phantoms per input kind")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--size", type=int, default=256, help="output in-plane size")
+    parser.add_argument("--scaling-volumes", type=int, default=8, help="volumes for finalise_scaling (0: skip)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="largest pool for finalise_scaling")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="prep-bench-inputs-"))
     try:
@@ -93,10 +139,14 @@ def main() -> None:
             config = PrepConfig(target_spacing=target, size=args.size)
             results[name] = _measure(folder, config, args.repeats)
         results["target_ratio_1mm"] = 1.5
+        if args.scaling_volumes:
+            pool_sizes = sorted({2, args.workers} - {1})
+            results["finalise_scaling"] = _finalise_scaling(root / "scaling", args.scaling_volumes,
+                                                            args.repeats, pool_sizes)
         print(json.dumps(results, indent=2))
     finally:
         shutil.rmtree(root)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the guard matters: pool workers are spawned, and re-import this file
     main()

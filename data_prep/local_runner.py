@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tqdm import tqdm
 
 from braindino_jax.data import manifest, records, shards
@@ -137,7 +136,7 @@ def process_cached(index: int, volume: InputVolume, config: PrepConfig, work_dir
     return row
 
 
-class _WorkerPool:
+class WorkerPool:
     """The spawn-context process pool both phases share, started on first use, replaced when a
     worker dies."""
 
@@ -158,7 +157,7 @@ class _WorkerPool:
 
 
 def _process_all(
-    tasks: list[tuple[int, InputVolume]], options: RunOptions, work_dir: Path, pool: _WorkerPool | None
+    tasks: list[tuple[int, InputVolume]], options: RunOptions, work_dir: Path, pool: WorkerPool | None
 ) -> list[dict]:
     """Run `process_cached` over the tasks, in-process without a pool."""
     bar = tqdm(total=len(tasks), unit="vol", desc="preparing", disable=not options.progress, smoothing=0.1)
@@ -204,24 +203,31 @@ def _process_all(
         bar.close()
 
 
-def write_shard(
-    temp: Path, sources: list[tuple[str, str, int, np.ndarray]], qc: tuple[int, int, int]
-) -> tuple[int, QcSampler]:
-    """One finalise task: copy a shard's records from the work files into `temp`, in order.
+SHARD_PLAN = "_shard_plan.json"
 
-    `sources` holds, per contributing volume, (work file, input path, its record count, indices
-    of the records this shard takes); `qc` the sampler's (per_dataset, worst, seed). Returns the
-    number of records written and the QC sample of this shard, to merge with the others.
+
+def write_shard(
+    temp: Path, shard: int, n_shards: int, plan_file: Path, qc: tuple[int, int, int]
+) -> tuple[int, QcSampler]:
+    """One finalise task: copy shard `shard`'s records from the work files into `temp`, in order.
+
+    `plan_file` (in the work folder) lists the good volumes in input order: their keys, input
+    paths and record counts; `shards.shard_members` picks this shard's records from it. It is a
+    file, read by each task, so that the main process sends each task a few arguments instead
+    of the whole corpus listing. `qc` is the sampler's (per_dataset, worst, seed). Returns the
+    number of records written and this shard's QC sample, to merge with the others.
     """
+    plan = json.loads(plan_file.read_text(encoding="utf-8"))
     sampler = QcSampler(*qc)
 
     def records_in_order():
-        for work_file, source_path, count, indices in sources:
-            key = Path(work_file).stem
+        for v, indices in shards.shard_members(shard, n_shards, plan["counts"]):
+            key = plan["keys"][v]
             try:
-                data = shards.read_array_record(work_file, indices, expect=count)
+                data = shards.read_array_record(_work_paths(plan_file.parent, key)[0], indices,
+                                                expect=plan["counts"][v])
             except shards.ShardError as exc:
-                raise shards.ShardError(f"work file for {source_path}: {exc}; delete it and re-run") from exc
+                raise shards.ShardError(f"work file for {plan['paths'][v]}: {exc}; delete it and re-run") from exc
             for j, record_bytes in zip(indices, data):
                 sampler.observe(f"{key}/{j}", records.decode(record_bytes))
                 yield record_bytes
@@ -229,7 +235,7 @@ def write_shard(
     return shards.write_array_record(temp, records_in_order()), sampler
 
 
-def _map_ordered(pool: _WorkerPool | None, fn, arg_lists: list[tuple]) -> list:
+def _map_ordered(pool: WorkerPool | None, fn, arg_lists: list[tuple]) -> list:
     """`[fn(*args) for args in arg_lists]`, on the pool when there is one."""
     if pool is None:
         return [fn(*args) for args in arg_lists]
@@ -238,12 +244,12 @@ def _map_ordered(pool: _WorkerPool | None, fn, arg_lists: list[tuple]) -> list:
         futures = [executor.submit(fn, *args) for args in arg_lists]
         return [f.result() for f in futures]
     except BaseException:
-        pool.discard(wait=False)
+        pool.discard()  # cancel the queued tasks and let running ones finish before cleanup
         raise
 
 
 def finalise(
-    rows: list[dict], options: RunOptions, work_dir: Path, pool: _WorkerPool | None = None
+    rows: list[dict], options: RunOptions, work_dir: Path, pool: WorkerPool | None = None
 ) -> dict[str, Any]:
     """Deal every good volume's records into balanced shards, one task per shard (on `pool`
     when given); then write manifest, card and QC."""
@@ -262,14 +268,12 @@ def finalise(
             options.target_shard_records,
             options.target_shard_bytes,
         )
-        work_files = [str(_work_paths(work_dir, r["key"])[0]) for r in ok]
+        plan_file = work_dir / SHARD_PLAN
+        plan = {"keys": [r["key"] for r in ok], "paths": [r["path"] for r in ok], "counts": counts}
+        write_atomic(plan_file, json.dumps(plan).encode())
         qc = (options.qc_per_dataset, options.qc_worst, options.seed)
         with shards.ShardSet(out_dir, options.shard_prefix, n_shards) as shard_set:
-            tasks = [
-                (temp, [(work_files[v], ok[v]["path"], counts[v], indices)
-                        for v, indices in shards.shard_members(s, n_shards, counts)], qc)
-                for s, temp in enumerate(shard_set.temps)
-            ]
+            tasks = [(temp, s, n_shards, plan_file, qc) for s, temp in enumerate(shard_set.temps)]
             written = _map_ordered(pool, write_shard, tasks)
             shard_paths = shard_set.commit()
         shard_counts = [n for n, _ in written]
@@ -300,7 +304,7 @@ def run_local(
     work_dir = Path(options.out_dir) / WORK_DIR
     work_dir.mkdir(parents=True, exist_ok=True)
     tasks, skipped = plan_tasks(volumes, exclusions or set())
-    pool = _WorkerPool(options.workers) if options.workers > 1 else None
+    pool = WorkerPool(options.workers) if options.workers > 1 else None
     try:
         rows = skipped + _process_all(tasks, options, work_dir, pool)
         result = finalise(rows, options, work_dir, pool)

@@ -78,8 +78,9 @@ def shard_members(shard: int, n_shards: int, counts: Sequence[int]) -> list[tupl
     its records) pairs, volumes ascending and indices ascending: exactly the records that
     `shard_of` assigns to `shard`, in global order.
     """
-    starts = np.asarray(record_offsets(counts), dtype=np.int64)
-    total = int(starts[-1] + counts[-1]) if len(counts) else 0
+    ends = np.cumsum(np.asarray(counts, dtype=np.int64))
+    total = int(ends[-1]) if ends.size else 0
+    starts = ends - np.asarray(counts, dtype=np.int64)
     positions = np.arange(shard, total, n_shards, dtype=np.int64)
     volumes = np.searchsorted(starts, positions, side="right") - 1
     indices = positions - starts[volumes]
