@@ -1,6 +1,6 @@
 """Foreground masks: nonzero voxels for skull-stripped data, or an intensity threshold for heads.
 
-Callers pass volumes whose NaN/Inf voxels were already zeroed (see intensity.count_nonfinite)
+Callers pass volumes whose NaN/Inf voxels were already zeroed (see intensity.zero_nonfinite)
 together with the finite mask, so non-finite voxels are background for every method.
 """
 

@@ -83,9 +83,10 @@ def _prepare_3d(
     where = f" (volume {volume_index} of the 4D series)" if loaded.stored.ndim == 4 else ""
     zero = loaded.stored_zero() if config.mask_method == "nonzero" else None
     nan_count = 0
-    if zero is not None:
+    unscaled = zero is not None  # ``data`` holds the stored integers until the box is known
+    if unscaled:
         # Exactly the voxels whose float32 value is nonzero, found without converting any.
-        mask, data = stored != zero, None
+        mask, data = stored != zero, stored
         if not mask.any():
             raise VolumeError(path, f"all voxels are zero{where}")
     else:
@@ -105,7 +106,9 @@ def _prepare_3d(
     if needs_resampling(affine, config.target_spacing):
         # Only the part of the output grid that can hold foreground (plus the in-plane margin
         # the framing reads) is computed; outside it the resampled mask is exactly 0.
-        data = to_canonical(loaded.to_float32(stored) if data is None else data, loaded.affine)[0]
+        if unscaled:
+            data, unscaled = loaded.to_float32(data), False
+        data = to_canonical(data, loaded.affine)[0]
         grid = target_grid(affine, data.shape, config.target_spacing)
         lo, hi = _index_extent(mask)
         box = covering_box(affine, grid, lo, hi, pad=(config.margin, config.margin, 0))
@@ -116,7 +119,7 @@ def _prepare_3d(
         if not mask.any():
             raise VolumeError(path, f"foreground vanished when resampling to {config.target_spacing} mm{where}")
     else:
-        data = to_canonical(stored if data is None else data, loaded.affine)[0]
+        data = to_canonical(data, loaded.affine)[0]
 
     # Fractions are of the whole axial plane of the (resampled) grid, indexed along its axis.
     fractions = np.zeros(full_shape[2])
@@ -132,7 +135,7 @@ def _prepare_3d(
     # a fraction of the field of view, and boolean gathers over the full volume dominate cost.
     box = _foreground_box(mask, np.flatnonzero(fractions) - origin[2], config.margin)
     data, mask = data[box], mask[box]
-    if data.dtype != np.float32:  # still the stored integers: scale only the box
+    if unscaled:
         data = loaded.to_float32(data)
     try:
         scale = fit_intensity_scale(_foreground_values(data, mask), config.clip_percentiles)
