@@ -76,6 +76,8 @@ class QcSampler:
         """Montage name → [(record key, tile label, pixels)], in a fixed order."""
         out = {}
         for dataset, heap in sorted(self._samples.items()):
+            if not heap:  # per_dataset == 0: no sample montages
+                continue
             entries = sorted(heap, key=lambda e: -e[0])
             out[f"sample_{_safe_name(dataset)}"] = [(e[1], e[2], e[3]) for e in entries]
         if self._worst:
