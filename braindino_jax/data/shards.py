@@ -88,15 +88,15 @@ def shard_members(shard: int, n_shards: int, counts: Sequence[int]) -> list[tupl
     return [(int(v[0]), j) for v, j in zip(np.split(volumes, cuts), np.split(indices, cuts)) if v.size]
 
 
-def temp_path(path: Path, tag: int | None = None) -> Path:
-    """Hidden name beside `path` for writing it; `tag` (default: this process) keeps writers apart."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid() if tag is None else tag}")
+def _temp_path(path: Path) -> Path:
+    """Hidden name beside `path` for this process to write it under."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 def write_array_record(path: str | os.PathLike, records: Iterable[bytes], options: str = WRITER_OPTIONS) -> int:
     """Write one ArrayRecord file atomically; returns the number of records written."""
     path = Path(path)
-    tmp = temp_path(path)
+    tmp = _temp_path(path)
     writer = ArrayRecordWriter(str(tmp), options)
     count = 0
     try:
@@ -151,7 +151,7 @@ class ShardSet:
         self.out_dir = Path(out_dir)
         self.prefix = prefix
         self.paths = [shard_path(out_dir, prefix, i, n_shards) for i in range(n_shards)]
-        self.temps = [temp_path(p) for p in self.paths]
+        self.temps = [_temp_path(p) for p in self.paths]
         self._committed = False
 
     def __enter__(self) -> "ShardSet":

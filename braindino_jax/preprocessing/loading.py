@@ -102,7 +102,7 @@ def _check_path(path: Path) -> None:
         raise VolumeError(path, f"unsupported file type; expected one of {', '.join(SUPPORTED_SUFFIXES)}")
 
 
-def gunzip(data: bytes) -> bytes:
+def _gunzip(data: bytes) -> bytes:
     """Decompress every member of a gzip file, with each member's CRC32 and length checked.
 
     nibabel stops reading a gzip stream once it has the voxels, so the trailer is never checked
@@ -124,12 +124,12 @@ def gunzip(data: bytes) -> bytes:
 
 def _open_image(path: Path) -> tuple[nib.spatialimages.SpatialImage, bytes | None]:
     """Open ``path`` with nibabel; a single-file ``.nii.gz`` is decompressed whole first (see
-    ``gunzip``) and its decompressed bytes are returned too, so the voxels can be viewed in
+    ``_gunzip``) and its decompressed bytes are returned too, so the voxels can be viewed in
     place instead of copied out of nibabel's in-memory file."""
     if not path.name.lower().endswith(".nii.gz"):
         return nib.load(path, mmap=False), None
     try:
-        raw = gunzip(path.read_bytes())
+        raw = _gunzip(path.read_bytes())
     except (EOFError, zlib.error) as exc:
         raise VolumeError(path, f"corrupt or truncated compressed data: {exc}") from exc
     sizeof_hdr = int.from_bytes(raw[:4], "little") if len(raw) >= 4 else 0
