@@ -9,7 +9,7 @@ it an output folder without shards.
 
     python -m data_prep.beam_pipeline --csv gs://bucket/volumes.csv --out gs://bucket/shards \\
         --runner DataflowRunner --project P --region R --temp_location gs://bucket/tmp \\
-        --requirements_file requirements.txt
+        --setup_file ./setup.py
 """
 
 from __future__ import annotations
