@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     to_flax.add_argument("--format", choices=("auto", "meta", "timm"), default="auto")
     to_flax.add_argument("--num-heads", type=int, help="needed only when the file has no rope_embed.periods")
     to_flax.add_argument("--norm-eps", type=float, help="LayerNorm epsilon (DINOv3 hub models: 1e-5)")
+    to_flax.add_argument("--in-chans", type=int, choices=(1, 3),
+                         help="1: fold RGB patch-embedding weights for 1-channel MRI input (exact)")
     to_torch = sub.add_parser("to-torch", help="Flax checkpoint directory -> Meta-format safetensors")
     to_torch.add_argument("source_dir")
     to_torch.add_argument("output")
@@ -45,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
                 overrides["num_heads"] = args.num_heads
             if args.norm_eps is not None:
                 overrides["norm_eps"] = args.norm_eps
+            if args.in_chans is not None:
+                overrides["in_chans"] = args.in_chans
             model, heads = load_backbone(args.source, fmt=args.format, **overrides)
             save_flax_checkpoint(args.output_dir, model, heads)
             print(f"wrote {args.output_dir}: backbone {count_params(model):,} params"

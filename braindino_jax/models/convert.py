@@ -521,6 +521,7 @@ def load_backbone(
 
     Without ``config`` the architecture is inferred from the weights (and, for files written by
     :func:`export_backbone`, from their stored config); ``overrides`` set the other fields.
+    ``in_chans=1`` folds an RGB patch embedding for grayscale input (fold_input_channels).
     """
     if isinstance(source, Mapping):
         state, stored = dict(source), None
@@ -537,9 +538,24 @@ def load_backbone(
         config = stored.replace(**overrides) if stored is not None else infer_config(backbone, **overrides)
     elif overrides:
         config = config.replace(**overrides)
-    model = meta_to_backbone(backbone, config)
+    model = meta_to_backbone(fold_input_channels(backbone, config.in_chans), config)
     heads = {name: torch_to_head(sd) for name, sd in head_states.items()}
     return model, heads
+
+
+def fold_input_channels(state: Mapping[str, np.ndarray], in_chans: int) -> dict[str, np.ndarray]:
+    """RGB patch embedding → ``in_chans=1`` by summing its kernel over the colour channels.
+
+    A convolution of a grayscale image repeated to 3 channels equals the convolution of the
+    single channel with the channel-summed kernel, so natural-image DINOv3 weights serve
+    1-channel MRI exactly (BrainDINO's inputs are grayscale repeated to RGB). Other channel
+    counts pass through, and check_keys reports any mismatch.
+    """
+    state = dict(state)
+    weight = state.get("patch_embed.proj.weight")
+    if in_chans == 1 and weight is not None and weight.ndim == 4 and weight.shape[1] == 3:
+        state["patch_embed.proj.weight"] = np.asarray(weight, np.float32).sum(axis=1, keepdims=True)
+    return state
 
 
 def _stored_config(path: str | os.PathLike) -> ViTConfig | None:

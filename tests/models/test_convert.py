@@ -188,6 +188,20 @@ def test_training_checkpoint_pth(tmp_path):
     np.testing.assert_allclose(model(x)["x_norm_clstoken"], before, atol=1e-6)
 
 
+def test_rgb_weights_fold_to_one_channel_exactly():
+    """in_chans=1 on RGB weights: the 1-channel model on x equals the RGB model on x repeated."""
+    meta = tiny_meta()
+    rgb, _ = load_backbone(meta)
+    gray, _ = load_backbone(meta, in_chans=1)
+    assert gray.config.in_chans == 1
+    assert gray.patch_embed.kernel.shape[2] == 1
+    x = jax.random.uniform(jax.random.key(3), (2, 16, 24, 1))
+    want = rgb(jnp.repeat(x, 3, axis=-1))
+    got = gray(x)
+    for name in ("x_norm_clstoken", "x_norm_patchtokens"):
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5)
+
+
 def test_bf16_safetensors(tmp_path):
     from safetensors.torch import save_file
 
