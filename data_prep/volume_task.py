@@ -117,24 +117,10 @@ def prepare_volume(
     timings["preprocess_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    encoded = []
-    for vol in prepared:
-        for pixels, slice_index in zip(vol.slices, vol.slice_indices):
-            record = records.SliceRecord(
-                pixels=pixels,
-                dataset=volume.dataset,
-                subject=volume.subject,
-                session=volume.session,
-                modality=volume.modality,
-                source_path=volume.path,
-                slice_index=int(slice_index),
-                n_slices=vol.n_slices,
-                spacing=vol.spacing,
-                fg_mean=vol.fg_mean,
-                fg_std=vol.fg_std,
-                volume_index=vol.volume_index,
-            )
-            encoded.append(records.encode(record))
+    try:
+        encoded = _encode(volume, prepared)
+    except records.RecordError as exc:  # values a record refuses: this volume fails, not the job
+        return _failed(row, f"cannot build its slice records: {exc}", start)
     timings["encode_s"] = time.perf_counter() - t
 
     first = prepared[0]
@@ -157,6 +143,28 @@ def prepare_volume(
         )
     timings["total_s"] = time.perf_counter() - start
     return VolumeResult(row, encoded)
+
+
+def _encode(volume: InputVolume, prepared: list) -> list[bytes]:
+    encoded = []
+    for vol in prepared:
+        for pixels, slice_index in zip(vol.slices, vol.slice_indices):
+            record = records.SliceRecord(
+                pixels=pixels,
+                dataset=volume.dataset,
+                subject=volume.subject,
+                session=volume.session,
+                modality=volume.modality,
+                source_path=volume.path,
+                slice_index=int(slice_index),
+                n_slices=vol.n_slices,
+                spacing=vol.spacing,
+                fg_mean=vol.fg_mean,
+                fg_std=vol.fg_std,
+                volume_index=vol.volume_index,
+            )
+            encoded.append(records.encode(record))
+    return encoded
 
 
 def _failed(row: dict[str, Any], reason: str, start: float) -> VolumeResult:

@@ -9,6 +9,7 @@ volume is (u - fg_mean) / fg_std, a linear transform applied when the slice is l
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -42,6 +43,8 @@ def zero_nonfinite(data: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, int
         return data, None, 0
     return np.where(finite, data, np.float32(0)), finite, count
 
+
+_OVERFLOW = "foreground intensities overflow float32 (is the header's scl_slope/scl_inter sane?)"
 
 # Integer-valued data spanning fewer levels than this are counted instead of partitioned.
 MAX_COUNTED_LEVELS = 1 << 22
@@ -89,9 +92,12 @@ def fit_intensity_scale(values: np.ndarray, clip_percentiles: tuple[float, float
     """Percentiles and clipped moments of the foreground ``values`` (1D float32, finite).
 
     ``values`` is reordered in place (it is the caller's scratch copy). Raises ValueError when
-    the clip range is empty (a constant foreground has no contrast).
+    the clip range is empty (a constant foreground has no contrast), or when the intensities are
+    too large for float32 moments (typically a garbage scl_slope in the header).
     """
     lo, hi = percentiles_inplace(values, clip_percentiles)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(_OVERFLOW + f" (clip range {lo:g}..{hi:g})")
     if not hi > lo:
         raise ValueError(
             f"foreground intensity is constant between the {clip_percentiles[0]} and "
@@ -100,6 +106,9 @@ def fit_intensity_scale(values: np.ndarray, clip_percentiles: tuple[float, float
     clipped = np.clip(values, np.float32(lo), np.float32(hi), out=values)
     mean = float(np.mean(clipped, dtype=np.float64))
     clipped -= np.float32(mean)
-    std = float(np.sqrt(np.mean(np.square(clipped), dtype=np.float64)))
+    with np.errstate(over="ignore"):  # an overflow is reported below, with its cause
+        std = float(np.sqrt(np.mean(np.square(clipped), dtype=np.float64)))
+    if not (math.isfinite(mean) and math.isfinite(std)):
+        raise ValueError(_OVERFLOW + f" (mean {mean:g}, std {std:g})")
     gain = 254.0 / (hi - lo)
     return IntensityScale(lo=lo, hi=hi, fg_mean=1.0 + gain * (mean - lo), fg_std=gain * std)

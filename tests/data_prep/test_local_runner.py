@@ -239,3 +239,18 @@ def test_subject_exclusion_and_changed_inputs(tmp_path, capsys):
     want = Counter(records.encode(r) for r in _expected_records(paths[2], "ds", "sub-02"))
     got = Counter(records.encode(r) for s in _shard_records(tmp_path / "out") for r in s if r.subject == "sub-02")
     assert got == want
+
+
+def test_a_volume_whose_records_are_refused_fails_alone(tmp_path, monkeypatch):
+    """A value SliceRecord refuses (here a non-finite std) fails that volume's row; nothing raises."""
+    import dataclasses as dc
+
+    from data_prep import volume_task
+
+    path = _write_good(tmp_path, 1)[0]
+    real = volume_task.preprocess_volume
+    monkeypatch.setattr(volume_task, "preprocess_volume",
+                        lambda p, c: [dc.replace(v, fg_std=float("inf")) for v in real(p, c)])
+    result = prepare_volume(0, InputVolume(str(path), "ds", "sub-00", "", "T1w"), CONFIG)
+    assert result.row["status"] == manifest.FAILED and result.records == []
+    assert "SliceRecord.fg_std: must be finite" in result.row["reason"]

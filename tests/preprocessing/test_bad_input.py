@@ -156,3 +156,13 @@ def test_bad_config_is_rejected_before_reading(tmp_path):
 
     with pytest.raises(ConfigError, match="PrepConfig.four_d_policy"):
         preprocess_volume(tmp_path / "absent.nii", PrepConfig(four_d_policy="middle"))
+
+
+@pytest.mark.parametrize("slope", [1.7e36, 1e38])
+def test_scaling_that_overflows_float32_names_the_header_scaling(tmp_path, blob, slope):
+    # 1.7e36: every scaled voxel is finite, but float32 moments overflow; 1e38: voxels become inf.
+    img = nib.Nifti1Image(blob().astype(np.int16), np.eye(4))
+    img.header.set_slope_inter(slope, 0.0)
+    path = tmp_path / "garbage_slope.nii.gz"
+    nib.save(img, path)
+    _expect(path, r"overflow float32 \(is the header's scl_slope/scl_inter sane\?\)")
