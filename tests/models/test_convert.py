@@ -228,9 +228,24 @@ def test_mismatched_keys_are_listed():
     assert "missing keys [blocks.1.norm1.weight]" in message
     assert "norm.bias: file (65,) vs model (64,)" in message
     bad_mask = dict(meta)
-    bad_mask["blocks.0.attn.qkv.bias_mask"] = np.ones(192, np.float32)
-    with pytest.raises(CheckpointError, match="bias_mask"):
+    bad_mask["blocks.0.attn.qkv.bias_mask"] = np.full(192, np.nan, np.float32)
+    with pytest.raises(CheckpointError, match="blocks.0.attn.qkv.bias_mask: not finite"):
         load_backbone(bad_mask, config)
+
+
+def test_released_all_zero_bias_mask_is_applied():
+    """Meta's released ViT-S/B/L files store bias_mask = 0 everywhere: DINOv3 then applies no
+    qkv bias at all, whatever ``qkv.bias`` holds, and so must the import."""
+    meta = tiny_meta()
+    released = {k: (np.zeros_like(v) if k.endswith("bias_mask") else v) for k, v in meta.items()}
+    assert np.abs(released["blocks.0.attn.qkv.bias"]).max() > 0.1
+    model, _ = load_backbone(released)
+    no_bias = {k: (np.zeros_like(v) if k.endswith("qkv.bias") else v) for k, v in meta.items()}
+    reference, _ = load_backbone(no_bias)
+    x = jax.random.uniform(jax.random.key(4), (2, 16, 24, 3))
+    np.testing.assert_array_equal(model(x)["x_norm_clstoken"], reference(x)["x_norm_clstoken"])
+    assert not np.allclose(load_backbone(meta)[0](x)["x_norm_clstoken"], reference(x)["x_norm_clstoken"])
+    np.testing.assert_array_equal(backbone_to_meta(model)["blocks.1.attn.qkv.bias"], 0.0)
 
 
 def test_bad_files(tmp_path):
