@@ -3,10 +3,11 @@
 Formats read:
 - Meta's DINOv3 backbone state dict (``storage_tokens``, ``rope_embed.periods``,
   ``blocks.N.ls1.gamma``, ``blocks.N.attn.qkv.{weight,bias,bias_mask}``, ``blocks.N.mlp.fc1`` or
-  ``w1/w2/w3``, ``norm.*``, ``mask_token``).
+  ``w1/w2/w3``, ``norm.*``, ``mask_token``). The file's ``bias_mask`` is folded into the bias
+  (Meta's released ViT-S/B/L store it as all zeros).
 - timm's DINOv3 ``Eva`` state dict. Key mapping to Meta: ``reg_token`` -> ``storage_tokens``,
   ``gamma_1/gamma_2`` -> ``ls1.gamma/ls2.gamma``, ``attn.q_bias`` + zero k + ``attn.v_bias`` ->
-  ``attn.qkv.bias`` (with the k-masking ``bias_mask``; a file's own mask is folded into the bias on import), ``mlp.fc1_g/fc1_x/fc2`` ->
+  ``attn.qkv.bias`` (with the k-masking ``bias_mask``), ``mlp.fc1_g/fc1_x/fc2`` ->
   ``mlp.w1/w2/w3``. timm has no ``mask_token`` (zeros, DINOv3's init) and no periods buffer
   (recomputed from the config).
 - DINOv3 training checkpoints: ``{"teacher": {"backbone.*", "dino_head.*", "ibot_head.*"}}``.
