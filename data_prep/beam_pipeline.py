@@ -24,6 +24,7 @@ from functools import reduce
 from typing import Any
 
 import apache_beam as beam
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -54,7 +55,9 @@ def _prepare(task: tuple[int, InputVolume], options: RunOptions) -> VolumeResult
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, volume.path.rsplit("/", 1)[-1])
         try:
-            with FileSystems.open(volume.path) as src, open(local, "wb") as dst:
+            # UNCOMPRESSED: the default would gunzip a .nii.gz by its name; nibabel wants the bytes.
+            with FileSystems.open(volume.path, compression_type=CompressionTypes.UNCOMPRESSED) as src, \
+                    open(local, "wb") as dst:
                 shutil.copyfileobj(src, dst)
         except Exception as exc:  # each remote file system raises its own error types
             return VolumeResult(base_row(index, volume, manifest.FAILED, f"cannot read file: {exc}"), [])

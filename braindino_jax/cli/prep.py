@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="input folder (repeatable); the dataset is NAME or the folder's name")
     src.add_argument("--pattern", action="append", default=None, metavar="GLOB",
                      help=f"glob under each root (repeatable; default {' '.join(DEFAULT_PATTERNS)})")
-    src.add_argument("--csv", type=Path, help="CSV with columns path[,dataset,subject,session,modality]")
+    src.add_argument("--csv", help="CSV (a path, or a URL for the Beam job) with columns "
+                     "path[,dataset,subject,session,modality]")
     src.add_argument("--exclude-subjects", type=Path, metavar="FILE",
                      help="subject IDs to skip, one per line (ID or DATASET/ID)")
     src.add_argument("--modality", default="unknown", help="modality when neither CSV nor file name gives one")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import os
 import re
 from collections.abc import Sequence
@@ -120,35 +121,55 @@ def discover(
     return volumes
 
 
+def _read_text(location: str) -> str:
+    """A local file's text, or a URL's through Apache Beam's file systems (the `beam` extra)."""
+    if not is_url(location):
+        with open(location, newline="", encoding="utf-8") as f:
+            return f.read()
+    try:
+        from apache_beam.io.filesystems import FileSystems
+    except ImportError as exc:
+        raise OSError("reading a URL needs Apache Beam's file systems: pip install 'braindino_jax[beam]'") from exc
+    with FileSystems.open(location) as f:
+        return f.read().decode("utf-8")
+
+
 def read_csv(csv_path: str | os.PathLike, default_modality: str = "unknown") -> list[InputVolume]:
     """Volumes listed in a CSV with a `path` column (relative paths are relative to the CSV).
 
-    Optional columns `dataset`, `subject`, `session`, `modality` override what the file name
-    says; the dataset defaults to the CSV's file name.
+    The CSV may be a URL (`gs://bucket/volumes.csv`, read through Apache Beam's file systems),
+    as a Beam job's listing usually is; its relative paths then become URLs beside it. Optional
+    columns `dataset`, `subject`, `session`, `modality` override what the file name says; the
+    dataset defaults to the CSV's file name.
     """
-    csv_path = Path(csv_path)
+    location = os.fspath(csv_path)
+    remote = is_url(location)
+    folder, _, name = location.rpartition("/") if remote else (None, None, Path(location).name)
     try:
-        with open(csv_path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            header = reader.fieldnames or []
-            rows = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise InputError(f"{csv_path}: cannot read the input CSV: {exc}") from exc
+        text = _read_text(location)
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        header = reader.fieldnames or []
+        rows = list(reader)
+    except Exception as exc:  # OSError, bad UTF-8, csv.Error, or a remote file system's own errors
+        raise InputError(f"{location}: cannot read the input CSV: {exc}") from exc
     if "path" not in header:
-        raise InputError(f"{csv_path}: the input CSV needs a 'path' column (found {header})")
+        raise InputError(f"{location}: the input CSV needs a 'path' column (found {header})")
     unknown = sorted(set(header) - set(CSV_COLUMNS))
     if unknown:
-        raise InputError(f"{csv_path}: unknown CSV columns {unknown} (known: {list(CSV_COLUMNS)})")
+        raise InputError(f"{location}: unknown CSV columns {unknown} (known: {list(CSV_COLUMNS)})")
     volumes = []
     for line, row in enumerate(rows, start=2):
         raw = (row.get("path") or "").strip()
         if not raw:
-            raise InputError(f"{csv_path}:{line}: empty 'path'")
-        path = raw if os.path.isabs(raw) or is_url(raw) else str(csv_path.parent / raw)
+            raise InputError(f"{location}:{line}: empty 'path'")
+        if os.path.isabs(raw) or is_url(raw):
+            path = raw
+        else:
+            path = f"{folder}/{raw}" if remote else str(Path(location).parent / raw)
         given = {k: (row.get(k) or "").strip() for k in CSV_COLUMNS[1:]}
-        volumes.append(_metadata(path, csv_path.stem, default_modality, given))
+        volumes.append(_metadata(path, Path(name).stem, default_modality, given))
     if not volumes:
-        raise InputError(f"{csv_path}: the input CSV lists no volumes")
+        raise InputError(f"{location}: the input CSV lists no volumes")
     return volumes
 
 

@@ -4,13 +4,16 @@ import json
 
 import apache_beam as beam
 import grain
+from apache_beam.io.localfilesystem import LocalFileSystem
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from braindino_jax.data import manifest, records, shards
-from braindino_jax.data.inputs import discover
+from braindino_jax.cli.prep import build_parser, inputs_from_args
+from braindino_jax.data.inputs import InputVolume, discover
 from braindino_jax.preprocessing.config import PrepConfig
 from braindino_jax.preprocessing.phantom import write_phantom
-from data_prep.beam_pipeline import build_pipeline
+from braindino_jax.preprocessing.volume import preprocess_volume
+from data_prep.beam_pipeline import _prepare, build_pipeline
 from data_prep.local_runner import RunOptions, run_local
 
 
@@ -54,3 +57,33 @@ def test_direct_runner_matches_local_runner(tmp_path):
     assert beam_card == local_card
     assert json.loads((tmp_path / "beam" / "qc" / "index.json").read_text()) == json.loads(
         (tmp_path / "local" / "qc" / "index.json").read_text())
+
+
+class _PrefixedLocalFileSystem(LocalFileSystem):
+    """`braindinotest:///abs/path` → `/abs/path`: a stand-in for gs:// or s3:// in tests."""
+
+    PREFIX = "braindinotest://"
+
+    @classmethod
+    def scheme(cls):
+        return "braindinotest"
+
+    def open(self, path, *args, **kwargs):
+        return super().open(path.removeprefix(self.PREFIX), *args, **kwargs)
+
+
+def test_csv_and_volumes_at_urls(tmp_path):
+    """The README's Beam command lists volumes in a CSV at a URL, with paths relative to it."""
+    write_phantom(tmp_path / "imgs" / "sub-3_T2w.nii.gz", 3, spacing=(4.0, 4.0, 4.0), skull_stripped=True)
+    (tmp_path / "volumes.csv").write_text("path,subject\nimgs/sub-3_T2w.nii.gz,S3\n")
+    url = f"{_PrefixedLocalFileSystem.PREFIX}{tmp_path}/volumes.csv"
+    args = build_parser().parse_args(["--csv", url, "--out", str(tmp_path / "out")])
+    (volume,) = inputs_from_args(args)[0]
+    assert volume == InputVolume(f"{_PrefixedLocalFileSystem.PREFIX}{tmp_path}/imgs/sub-3_T2w.nii.gz",
+                                 "volumes", "S3", "", "T2w")
+    config = PrepConfig(target_spacing=None, size=32, margin=2)
+    result = _prepare((0, volume), RunOptions(out_dir=tmp_path / "out", config=config))
+    assert result.row["status"] == manifest.OK, result.row["reason"]
+    assert result.row["path"] == volume.path
+    local = preprocess_volume(tmp_path / "imgs" / "sub-3_T2w.nii.gz", config)[0]
+    assert [records.decode(r).pixels.tobytes() for r in result.records] == [p.tobytes() for p in local.slices]
