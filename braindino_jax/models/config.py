@@ -16,6 +16,7 @@ _FFN_LAYERS = ("mlp", "swiglu")
 _DROP_PATH_SCHEDULES = ("uniform", "linear")
 _NORMALIZE_COORDS = ("separate", "min", "max")
 _ATTENTION = ("dot_product", "einsum")
+_ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
 
 
 class ModelConfigError(ValueError):
@@ -150,6 +151,12 @@ class ViTConfig:
             fail("dtype", f"must be one of {tuple(COMPUTE_DTYPES)}, got {self.dtype!r}")
         if self.attention not in _ATTENTION:
             fail("attention", f"must be one of {_ATTENTION}, got {self.attention!r}")
+        if self.attention_implementation not in _ATTENTION_IMPLEMENTATIONS:
+            fail("attention_implementation",
+                 f"must be one of {_ATTENTION_IMPLEMENTATIONS}, got {self.attention_implementation!r}")
+        if self.attention_implementation == "cudnn" and self.dtype == "float32":
+            # cuDNN's fused attention takes only 16-bit inputs; float32 would fail inside XLA.
+            fail("attention_implementation", "'cudnn' needs dtype 'bfloat16' or 'float16'")
 
 
 # Named sizes. vit_giant is DINOv2/DINOv3's "giant2" (1536 wide, 64-dim heads) with its SwiGLU

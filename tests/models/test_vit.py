@@ -204,7 +204,9 @@ def test_bad_inputs_raise_clear_errors(tiny):
     "changes,field",
     [(dict(num_heads=5), "num_heads"), (dict(ffn_layer="geglu"), "ffn_layer"),
      (dict(drop_path_rate=1.0), "drop_path_rate"), (dict(dtype="fp8"), "dtype"),
-     (dict(rope_jitter_coords=0.5), "rope_jitter_coords")],
+     (dict(rope_jitter_coords=0.5), "rope_jitter_coords"),
+     (dict(attention_implementation="cuDNN"), "attention_implementation"),
+     (dict(attention_implementation="cudnn"), "attention_implementation")],  # float32
 )
 def test_config_errors_name_the_field(changes, field):
     with pytest.raises(ModelConfigError, match=f"ViTConfig.{field}"):
