@@ -108,6 +108,57 @@ def expand_shards(pattern: str) -> list[str]:
     return paths
 
 
+def _locate(paths: Sequence[str], index: int) -> str:
+    """'file (record i)' for an index into the concatenation of `paths` (error path only)."""
+    offset = 0
+    for path in paths:
+        reader = ArrayRecordReader(path)
+        count = reader.num_records()
+        reader.close()
+        if index < offset + count:
+            return f"{path} (record {index - offset})"
+        offset += count
+    return f"record {index} of {list(paths)}"
+
+
+class _NamedSource:
+    """`ArrayRecordDataSource` whose read errors name the shard file and record.
+
+    array_record reports corrupt or truncated chunks as bare RuntimeErrors that name
+    neither; a training job dying on one must say which shard to regenerate.
+    """
+
+    def __init__(self, paths: Sequence[str]):
+        self._paths = list(paths)
+        try:
+            self._source = grain.sources.ArrayRecordDataSource(self._paths)
+        except Exception as exc:  # array_record raises bare RuntimeErrors for unreadable files
+            raise PipelineError(f"cannot open shard {self._unreadable()}: {exc}") from exc
+
+    def _unreadable(self) -> str:
+        for path in self._paths:
+            try:
+                grain.sources.ArrayRecordDataSource([path])
+            except Exception:
+                return path
+        return str(self._paths)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> bytes:
+        try:
+            return self._source[index]
+        except RuntimeError as exc:
+            raise PipelineError(f"{_locate(self._paths, index)}: unreadable: {exc}") from exc
+
+    def __getitems__(self, indices: Sequence[int]) -> Sequence[bytes]:
+        try:
+            return self._source.__getitems__(indices)
+        except RuntimeError:
+            return [self[i] for i in indices]  # re-read one by one to name the bad record
+
+
 class _Decoder:
     """Record bytes -> training fields, with the shard file named when a record is bad.
 
@@ -123,38 +174,25 @@ class _Decoder:
         try:
             record = records.decode(data)
         except records.RecordError as exc:
-            raise PipelineError(f"{self._locate(index)}: {exc}") from exc
+            raise PipelineError(f"{_locate(self._paths, index)}: {exc}") from exc
         size = self._image_size
         if record.pixels.shape != (size, size):
             raise PipelineError(
-                f"{self._locate(index)}: slice is {record.pixels.shape[0]}x"
+                f"{_locate(self._paths, index)}: slice is {record.pixels.shape[0]}x"
                 f"{record.pixels.shape[1]}, the pipeline expects {size}x{size} (image_size)"
             )
         if not record.fg_std > 0:
-            raise PipelineError(f"{self._locate(index)}: fg_std must be > 0, got {record.fg_std}")
+            raise PipelineError(
+                f"{_locate(self._paths, index)}: fg_std must be > 0, got {record.fg_std}")
         return {
             "pixels": record.pixels,
             "fg_mean": np.float32(record.fg_mean),
             "fg_std": np.float32(record.fg_std),
         }
 
-    def _locate(self, index: int) -> str:
-        offset = 0
-        for path in self._paths:
-            reader = ArrayRecordReader(path)
-            count = reader.num_records()
-            reader.close()
-            if index < offset + count:
-                return f"{path} (record {index - offset})"
-            offset += count
-        return f"record {index} of {self._paths}"
-
 
 def _dataset(paths: Sequence[str], image_size: int, seed: int) -> grain.MapDataset:
-    try:
-        source = grain.sources.ArrayRecordDataSource(list(paths))
-    except Exception as exc:  # array_record raises bare RuntimeErrors for unreadable files
-        raise PipelineError(f"cannot open shards {list(paths)}: {exc}") from exc
+    source = _NamedSource(paths)
     if len(source) == 0:
         raise PipelineError(f"shards {list(paths)} hold no records")
     ds = grain.MapDataset.source(source).map_with_index(_Decoder(paths, image_size))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -191,3 +192,23 @@ def test_bad_inputs_name_the_file_or_field(shard_dir, tmp_path):
     config = _config(shard_dir, shards=(str(wrong),), batch_size=2, image_size=32, mask_grid=None)
     with pytest.raises(PipelineError, match=r"wrong-00000.*16x16.*32x32 \(image_size\)"):
         next(iter(host_dataset(config, 0, 1)))
+
+    # A shard damaged after writing (bit rot, a bad copy): array_record's own error names
+    # neither the file nor the record; the pipeline's must, on the batched read path.
+    damaged = tmp_path / "damaged-00000-of-00001.array_record"
+    writer = ArrayRecordWriter(str(damaged), "group_size:1,uncompressed")
+    for i in range(24):
+        writer.write(records.encode(_record(i)))
+    writer.close()
+    data = bytearray(damaged.read_bytes())
+    data[data.find(_record(5).pixels.tobytes()) + 7] ^= 0xFF  # one bit-flipped byte in record 5
+    damaged.write_bytes(bytes(data))
+    config = _config(shard_dir, shards=(str(damaged),), batch_size=24, mask_grid=None)
+    with pytest.raises(PipelineError, match=r"damaged-00000-of-00001.array_record \(record 5\)"):
+        next(iter(host_dataset(config, 0, 1)))
+
+    junk = tmp_path / "junk-00000-of-00001.array_record"
+    junk.write_bytes(b"not an array_record file")
+    config = _config(shard_dir, shards=(str(shard_dir / "a-*"), str(junk)), mask_grid=None)
+    with pytest.raises(PipelineError, match=f"cannot open shard {re.escape(str(junk))}:"):
+        host_dataset(config, 0, 1)
