@@ -19,7 +19,8 @@ NEGATIVES = ("keep", "remove", "remove_teacher")
 
 def gram_loss(student_patches: jax.Array, teacher_patches: jax.Array, image_level: bool = True,
               negatives: str = "remove", normalize: bool = True,
-              precision: jax.lax.Precision = jax.lax.Precision.HIGHEST) -> jax.Array:
+              precision: jax.lax.Precision = jax.lax.Precision.HIGHEST,
+              group_size: int | None = None) -> jax.Array:
     """Mean squared difference of the student and teacher Gram matrices, float32.
 
     Features [B, N, D] (teacher: the Gram teacher's, treated as constants). With
@@ -29,6 +30,12 @@ def gram_loss(student_patches: jax.Array, teacher_patches: jax.Array, image_leve
     "remove_teacher" clamps the teacher's and zeroes the student's only where both are
     negative. The loss is ‖G_s − G_t‖_F² / (number of Gram entries), as DINOv3's ``GramLoss``
     (an MSE).
+
+    Batch-level Gram in DINOv3 is over each GPU's own images. Under a global ``jit`` it would
+    span the global batch, a different loss whose [B·N, B·N] matrix outgrows memory at scale;
+    ``group_size`` (images per group, dividing B; ``None``: one group) gives one Gram matrix per
+    group of consecutive images, so ``B // n_devices`` reproduces the per-device loss (the mean
+    of the equal-size groups' MSEs) with no cross-device traffic, as in ``koleo``.
     """
     if student_patches.ndim != 3 or student_patches.shape != teacher_patches.shape:
         raise ValueError(
@@ -41,8 +48,13 @@ def gram_loss(student_patches: jax.Array, teacher_patches: jax.Array, image_leve
     if normalize:
         student, teacher = l2_normalize(student, 1e-12), l2_normalize(teacher, 1e-12)
     if not image_level:
-        student = student.reshape(1, -1, student.shape[-1])
-        teacher = teacher.reshape(1, -1, teacher.shape[-1])
+        batch = student.shape[0]
+        group = batch if group_size is None else group_size
+        if group < 1 or batch % group:
+            raise ValueError(
+                f"group_size: must be >= 1 and divide the batch of {batch}, got {group_size}")
+        student = student.reshape(batch // group, -1, student.shape[-1])
+        teacher = teacher.reshape(batch // group, -1, teacher.shape[-1])
     gram_s = jnp.einsum("bnd,bmd->bnm", student, student, precision=precision)
     gram_t = jnp.einsum("bnd,bmd->bnm", teacher, teacher, precision=precision)
     if negatives == "remove":

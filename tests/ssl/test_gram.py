@@ -65,6 +65,23 @@ def test_batch_level_sharded_equals_single_device(patches, batch_sharding):
     np.testing.assert_allclose(float(sharded), float(single), rtol=1e-6)
 
 
+def test_batch_level_groups_keep_per_device_semantics(patches, batch_sharding):
+    """group_size = B / 8: each device's images form one Gram matrix, as DINOv3 per GPU."""
+    student, teacher = (np.tile(x, (4, 1, 1)) for x in patches)  # 16 images, 2 per device
+    sharding = batch_sharding(3, 0)
+    s, t = jax.device_put(student, sharding), jax.device_put(teacher, sharding)
+    fn = jax.jit(lambda s, t: gram_loss(s, t, image_level=False, group_size=2))
+    got = fn(s, t)
+    assert "all-gather" not in fn.lower(s, t).compile().as_text()
+    per_device = [reference_gram_loss(np.asarray(a.data), np.asarray(b.data), False, "remove")
+                  for a, b in zip(s.addressable_shards, t.addressable_shards)]
+    np.testing.assert_allclose(float(got), np.mean(per_device), rtol=1e-5)
+    whole = reference_gram_loss(student, teacher, False, "remove")
+    assert abs(float(got) - whole) > 1e-3  # the global-batch Gram is a different loss
+    with pytest.raises(ValueError, match="group_size"):
+        gram_loss(student, teacher, image_level=False, group_size=3)
+
+
 @pytest.mark.parametrize("negatives", ["keep", "remove"])
 def test_gradient_matches_finite_differences(x64, negatives):
     rng = np.random.default_rng(1)
