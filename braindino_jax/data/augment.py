@@ -81,6 +81,10 @@ class AugmentConfig:
                 fail(field, f"must be >= 1, got {getattr(self, field)}")
         if self.n_local < 0:
             fail("n_local", f"must be >= 0, got {self.n_local}")
+        for field in ("global_scale", "local_scale", "ratio", "gamma_range", "blur_sigma",
+                      "noise_std"):
+            if len(getattr(self, field)) != 2:
+                fail(field, f"need (lo, hi), got {getattr(self, field)}")
         for field in ("global_scale", "local_scale"):
             lo, hi = getattr(self, field)
             if not 0 < lo <= hi <= 1:
@@ -116,8 +120,10 @@ class AugmentConfig:
             fail("dtype", f"must be one of {_DTYPES}, got {self.dtype!r}")
         if self.bias_field_order < 0:
             fail("bias_field_order", f"must be >= 0, got {self.bias_field_order}")
-        if not 0 <= self.brightness or not 0 <= self.contrast < 1:
-            fail("contrast", "need brightness >= 0 and 0 <= contrast < 1")
+        if not 0 <= self.brightness:
+            fail("brightness", f"must be >= 0, got {self.brightness}")
+        if not 0 <= self.contrast < 1:
+            fail("contrast", f"need 0 <= contrast < 1, got {self.contrast}")
 
 
 _CROP_TRIES = 10
@@ -339,6 +345,7 @@ def augment_batch(
     Returns:
       {"global": [B, 2, G, G, C], "local": [B, n_local, L, L, C]} in `config.dtype`.
     """
+    config.validate()  # at trace time: a typo such as interpolation="bicubc" must not run
     if pixels.ndim != 3 or pixels.dtype != jnp.uint8:
         raise ValueError(f"pixels: expected uint8 [B, H, W], got {pixels.dtype} {pixels.shape}")
     batch = pixels.shape[0]

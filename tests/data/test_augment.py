@@ -194,7 +194,16 @@ def test_bad_config_and_inputs_name_the_field():
         AugmentConfig(global_scale=(0.5, 1.5)).validate()
     with pytest.raises(ValueError, match=r"AugmentConfig.blur_probs\[1\]"):
         AugmentConfig(blur_probs=(1.0, 1.1, 0.5)).validate()
+    with pytest.raises(ValueError, match=r"AugmentConfig.brightness"):
+        AugmentConfig(brightness=-0.1).validate()
+    with pytest.raises(ValueError, match=r"AugmentConfig.ratio"):
+        AugmentConfig(ratio=(0.75,)).validate()
     AugmentConfig().validate()
+    # augment_batch itself refuses a bad config instead of silently doing something else
+    # (an unknown interpolation used to fall through to bicubic).
+    with pytest.raises(ValueError, match="AugmentConfig.interpolation"):
+        augment_batch(jax.random.key(0), jnp.zeros((2, 8, 8), jnp.uint8), jnp.ones(2),
+                      jnp.ones(2), AugmentConfig(interpolation="nearest"))
     assert hash(AugmentConfig(global_scale=[0.4, 1.0])) == hash(AugmentConfig(global_scale=(0.4, 1.0)))
     with pytest.raises(ValueError, match="pixels"):
         augment_batch(jax.random.key(0), jnp.zeros((2, 8, 8), jnp.float32), jnp.ones(2),
