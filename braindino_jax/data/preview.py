@@ -90,14 +90,22 @@ def render_grid(
 
 
 def _stored_image_size(paths: Sequence[str]) -> int:
-    reader = ArrayRecordReader(paths[0])
-    try:
-        if reader.num_records() == 0:
-            raise PipelineError(f"{paths[0]}: shard holds no records")
-        record = records.decode(reader.read([0])[0])
-    finally:
-        reader.close()
-    return record.pixels.shape[0]
+    """Side of the first stored slice, skipping empty shards; bad files are named."""
+    for path in paths:
+        reader = ArrayRecordReader(path)
+        try:
+            if not reader.ok():
+                raise RuntimeError("not a readable ArrayRecord file")
+            blobs = reader.read([0]) if reader.num_records() else []
+            reader.close()
+        except RuntimeError as exc:  # array_record's errors name no file
+            raise PipelineError(f"cannot open shard {path}: {exc}") from exc
+        if blobs:
+            try:
+                return records.decode(blobs[0]).pixels.shape[0]
+            except records.RecordError as exc:
+                raise PipelineError(f"{path} (record 0): {exc}") from exc
+    raise PipelineError(f"shards {list(paths)} hold no records")
 
 
 @functools.lru_cache(maxsize=4)

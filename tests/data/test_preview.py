@@ -26,7 +26,9 @@ def test_grid_layout_window_and_mask_overlay():
 
 
 def test_cli_writes_the_png_grid(tmp_path, capsys):
-    writer = ArrayRecordWriter(str(tmp_path / "p-00000-of-00001.array_record"), "group_size:1,zstd")
+    # An empty shard sorts first: the preview must look past it, as the pipeline does.
+    ArrayRecordWriter(str(tmp_path / "p-00000-of-00002.array_record"), "group_size:1,zstd").close()
+    writer = ArrayRecordWriter(str(tmp_path / "p-00001-of-00002.array_record"), "group_size:1,zstd")
     yy, xx = np.mgrid[:48, :48]
     brain = ((yy - 24) ** 2 + (xx - 24) ** 2 < 18 ** 2)
     for i in range(6):
@@ -47,3 +49,7 @@ def test_cli_writes_the_png_grid(tmp_path, capsys):
 
     assert main([str(tmp_path / "nothing-*"), "--out", str(out)]) == 2
     assert "no shard files match" in capsys.readouterr().err
+    junk = tmp_path / "junk.array_record"
+    junk.write_bytes(b"not an array_record file")
+    assert main([str(junk), "--out", str(out)]) == 2  # an error message, not a traceback
+    assert f"cannot open shard {junk}" in capsys.readouterr().err
