@@ -158,6 +158,7 @@ def test_bad_config_is_rejected_before_reading(tmp_path):
         preprocess_volume(tmp_path / "absent.nii", PrepConfig(four_d_policy="middle"))
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 @pytest.mark.parametrize("slope", [1.7e36, 1e38])
 def test_scaling_that_overflows_float32_names_the_header_scaling(tmp_path, blob, slope):
     # 1.7e36: every scaled voxel is finite, but float32 moments overflow; 1e38: voxels become inf.
