@@ -22,6 +22,7 @@ class RunSummary:
     shard_bytes: int
     seconds: float
     failures: list[tuple[str, str]]
+    series_failures: list[tuple[str, str]]  # failed volumes of 4D series whose others were kept
     shard_paths: list  # Path, or str for a remote (Beam) output
     qc_paths: list
 
@@ -50,6 +51,10 @@ class RunSummary:
             shard_bytes=shard_bytes,
             seconds=seconds,
             failures=[(r["path"], r["reason"]) for r in rows if r["status"] == manifest.FAILED],
+            series_failures=[
+                (f"{r['path']} (volume {v['volume_index']})", v["reason"])
+                for r in rows if r["status"] == manifest.OK for v in r.get("volumes_failed", ())
+            ],
             shard_paths=list(shard_paths),
             qc_paths=list(qc_paths),
         )
@@ -85,6 +90,9 @@ class RunSummary:
         if self.failures:
             lines.append(f"failures ({self.failed}):")
             lines.extend(f"  {path}: {reason}" for path, reason in self.failures)
+        if self.series_failures:
+            lines.append(f"4D volumes skipped, the rest of their series kept ({len(self.series_failures)}):")
+            lines.extend(f"  {path}: {reason}" for path, reason in self.series_failures)
         return "\n".join(lines)
 
 

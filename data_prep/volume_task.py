@@ -18,7 +18,7 @@ from braindino_jax.data import manifest, records
 from braindino_jax.data.inputs import InputVolume, is_url
 from braindino_jax.preprocessing.config import PrepConfig
 from braindino_jax.preprocessing.errors import VolumeError
-from braindino_jax.preprocessing.volume import preprocess_volume
+from braindino_jax.preprocessing.volume import preprocess_series
 
 _HASH_CHUNK = 1 << 20
 
@@ -109,7 +109,7 @@ def prepare_volume(
 
     t = time.perf_counter()
     try:
-        prepared = preprocess_volume(read_path, config)
+        prepared, series_failures = preprocess_series(read_path, config)
     except VolumeError as exc:
         return _failed(row, exc.reason, start)  # the row already names the file
     except Exception as exc:  # a bug or an unforeseen file must not stop the whole job
@@ -135,6 +135,8 @@ def prepare_volume(
         record_bytes=sum(len(r) for r in encoded),
         pixel_stats=_pixel_stats(prepared),
     )
+    if series_failures:  # 4D "all": the good volumes are kept, the failed ones named
+        row["volumes_failed"] = [{"volume_index": t, "reason": exc.reason} for t, exc in series_failures]
     if not encoded:
         return _failed(
             row,

@@ -56,7 +56,21 @@ def preprocess_volume(path: str | os.PathLike, config: PrepConfig) -> list[Prepa
 
     Raises VolumeError (naming the file) for unreadable, corrupt or truncated files, images that
     are not 3D/4D, a 4D image under ``four_d_policy="skip"``, and volumes with no usable
-    foreground (all zero, all NaN, constant, or no slice above the fraction threshold).
+    foreground (all zero, all NaN, constant, or no slice above the fraction threshold), including
+    any one volume of a 4D series (see preprocess_series for the lenient form).
+    """
+    prepared, failures = preprocess_series(path, config)
+    if failures:
+        raise failures[0][1]
+    return prepared
+
+
+def preprocess_series(
+    path: str | os.PathLike, config: PrepConfig
+) -> tuple[list[PreparedVolume], list[tuple[int, VolumeError]]]:
+    """preprocess_volume for batch jobs: under ``four_d_policy="all"`` a volume of the series
+    that fails comes back as ``(volume_index, error)`` beside the good ones, so one blank
+    volume of a DWI or fMRI series does not lose the rest. Raises when no volume is usable.
     """
     config.validate()
     loaded = load_volume(path)
@@ -69,7 +83,15 @@ def preprocess_volume(path: str | os.PathLike, config: PrepConfig) -> list[Prepa
     else:
         volumes = [(0, loaded.stored)]
     orientation = axis_codes(loaded.affine)
-    return [_prepare_3d(path, loaded, vol, t, orientation, config) for t, vol in volumes]
+    prepared, failures = [], []
+    for t, vol in volumes:
+        try:
+            prepared.append(_prepare_3d(path, loaded, vol, t, orientation, config))
+        except VolumeError as exc:
+            failures.append((t, exc))
+    if not prepared:
+        raise failures[0][1]
+    return prepared, failures
 
 
 def _prepare_3d(

@@ -248,9 +248,37 @@ def test_a_volume_whose_records_are_refused_fails_alone(tmp_path, monkeypatch):
     from data_prep import volume_task
 
     path = _write_good(tmp_path, 1)[0]
-    real = volume_task.preprocess_volume
-    monkeypatch.setattr(volume_task, "preprocess_volume",
-                        lambda p, c: [dc.replace(v, fg_std=float("inf")) for v in real(p, c)])
+    real = volume_task.preprocess_series
+
+    def infinite_std(p, c):
+        prepared, failures = real(p, c)
+        return [dc.replace(v, fg_std=float("inf")) for v in prepared], failures
+
+    monkeypatch.setattr(volume_task, "preprocess_series", infinite_std)
     result = prepare_volume(0, InputVolume(str(path), "ds", "sub-00", "", "T1w"), CONFIG)
     assert result.row["status"] == manifest.FAILED and result.records == []
     assert "SliceRecord.fg_std: must be finite" in result.row["reason"]
+
+
+def test_a_blank_volume_of_a_4d_series_loses_only_itself(tmp_path, capsys):
+    """four_d_policy=all: the good volumes of a series are kept, the blank one is named."""
+    image = nib.load(_write_good(tmp_path / "src", 1)[0])
+    volume = np.asanyarray(image.dataobj)
+    series = np.stack([volume, np.zeros_like(volume), volume[::-1]], axis=-1)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    nib.save(nib.Nifti1Image(series, image.affine), inputs / "sub-01_dwi.nii.gz")
+    out = tmp_path / "out"
+    code = prep.main(["--root", f"ds={inputs}", "--out", str(out), "--workers", "1",
+                      "--four-d-policy", "all", *SMALL])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "4D volumes skipped, the rest of their series kept (1):" in text
+    assert "sub-01_dwi.nii.gz (volume 1): all voxels are zero (volume 1 of the 4D series)" in text
+    (row,) = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert row["status"] == manifest.OK and row["volumes"] == 2
+    assert row["volumes_failed"] == [
+        {"volume_index": 1, "reason": "all voxels are zero (volume 1 of the 4D series)"}]
+    written = [r for shard in _shard_records(out) for r in shard]
+    assert sorted({r.volume_index for r in written}) == [0, 2]
+    assert len(written) == row["slices_kept"]
