@@ -37,7 +37,7 @@ class LoadedVolume:
 
     @property
     def may_be_nonfinite(self) -> bool:
-        """False when the stored dtype and scaling cannot produce NaN/Inf."""
+        """False for integer data: load_volume rejects a scaling that would take them past float32."""
         return self.stored.dtype.kind == "f"
 
     def to_float32(self, stored: np.ndarray) -> np.ndarray:
@@ -86,6 +86,22 @@ class LoadedVolume:
         if self.stored.dtype.kind in "iu" and zero == round(zero):
             return int(round(zero))
         return None
+
+
+def _scaling_overflows(volume: LoadedVolume) -> bool:
+    """Whether scaling turns some stored integer into +-inf in float32 (a garbage scl_slope).
+
+    The dtype's range bounds the scaled values, so the stored extremes are read (one pass)
+    only when that bound is out of float32's reach. Scaling is monotone, so the extremes
+    overflow first.
+    """
+    info = np.iinfo(volume.stored.dtype)
+    bound = max(-float(info.min), float(info.max)) * abs(volume.slope) + abs(volume.inter)
+    if bound < 0.5 * float(np.finfo(np.float32).max):
+        return False
+    extremes = np.array([volume.stored.min(), volume.stored.max()], volume.stored.dtype)
+    with np.errstate(over="ignore"):
+        return not np.all(np.isfinite(volume.to_float32(extremes)))
 
 
 def _check_path(path: Path) -> None:
@@ -215,4 +231,10 @@ def load_volume(path: str | os.PathLike) -> LoadedVolume:
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise VolumeError(path, f"affine is not finite and invertible:\n{affine}")
     zooms = tuple(float(z) for z in img.header.get_zooms()[: len(shape)])
-    return LoadedVolume(stored=stored, slope=float(slope), inter=float(inter), affine=affine, spacing=zooms)
+    volume = LoadedVolume(stored=stored, slope=float(slope), inter=float(inter), affine=affine, spacing=zooms)
+    if disk_dtype.kind in "iu" and _scaling_overflows(volume):
+        raise VolumeError(
+            path, f"scaled intensities overflow float32 (is the header's scl_slope/scl_inter sane?): "
+            f"slope={slope:g}, inter={inter:g}",
+        )
+    return volume
