@@ -53,14 +53,15 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     """x / max(||x||, eps) in float32, as torch.nn.functional.normalize.
 
     The vector is first divided by its largest magnitude so that the squared norm cannot
-    overflow (activations of 1e20 and more would give inf/inf otherwise).
+    overflow (activations of 1e20 and more would give inf/inf otherwise), and the floor is taken
+    on the squared norm so that the gradient at x = 0 is finite (sqrt'(0) is not).
     """
     x = x.astype(_F32)
     scale = jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=-1, keepdims=True))
     scale = jnp.where(scale > 0, scale, 1.0)
     y = x / scale
-    norm = jnp.sqrt(jnp.sum(y * y, axis=-1, keepdims=True))
-    return y / jnp.maximum(norm, eps / scale)
+    squared = jnp.sum(y * y, axis=-1, keepdims=True)
+    return y / jnp.sqrt(jnp.maximum(squared, (eps / scale) ** 2))
 
 
 class DINOHead(nnx.Module):

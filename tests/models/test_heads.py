@@ -9,7 +9,7 @@ from flax import nnx
 from scipy.special import erf
 
 from braindino_jax.models.convert import head_to_torch, torch_to_head
-from braindino_jax.models.heads import DINOHead, HeadConfig
+from braindino_jax.models.heads import DINOHead, HeadConfig, l2_normalize
 
 CFG = HeadConfig(in_dim=24, out_dim=40, nlayers=3, hidden_dim=32, bottleneck_dim=16)
 
@@ -62,6 +62,19 @@ def test_extreme_inputs_stay_finite_and_normalised():
     assert np.isfinite(np.asarray(bottleneck)).all()
     assert abs(float(jnp.linalg.norm(bottleneck[0])) - 1) < 1e-5
     assert np.isfinite(np.asarray(head(x))).all()
+
+
+def test_zero_bottleneck_has_finite_gradient():
+    """A row whose MLP output is exactly zero (no biases, zero input) must not poison the
+    gradient with NaN; torch.nn.functional.normalize gives 1/eps there."""
+    head = DINOHead(CFG.replace(mlp_bias=False), rngs=nnx.Rngs(3))
+    x = jnp.zeros((2, 24)).at[1].set(1.0)
+    grads = nnx.grad(lambda h: jnp.sum(h(x)))(head)
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+    z = torch.zeros(1, 4, requires_grad=True)
+    torch.nn.functional.normalize(z, dim=-1).sum().backward()
+    got = jax.grad(lambda v: jnp.sum(l2_normalize(v)))(jnp.zeros((1, 4)))
+    np.testing.assert_allclose(got, z.grad.numpy(), rtol=1e-6)
 
 
 def test_bad_head_config_names_field():
