@@ -194,24 +194,17 @@ def _foreground_values(data: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def _index_extent(mask: np.ndarray) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """First and last index (inclusive) of the foreground along each axis of a 3D mask."""
-    footprint = reduce_unreversed(np.any, mask, axis=2)
-    ranges = [np.flatnonzero(footprint.any(axis=1)), np.flatnonzero(footprint.any(axis=0)),
-              np.flatnonzero(reduce_unreversed(np.any, mask, axis=(0, 1)))]
-    return tuple(int(r[0]) for r in ranges), tuple(int(r[-1]) for r in ranges)
+    x0, x1, y0, y1 = bounding_box(reduce_unreversed(np.any, mask, axis=2), margin=0)
+    zs = np.flatnonzero(reduce_unreversed(np.any, mask, axis=(0, 1)))
+    return (x0, y0, int(zs[0])), (x1 - 1, y1 - 1, int(zs[-1]))
 
 
 def _foreground_box(mask: np.ndarray, zs: np.ndarray, margin: int) -> tuple[slice, slice, slice]:
     """Index box of all foreground voxels (``zs``: the axial indices holding some), widened
     in-plane by ``margin`` (clipped)."""
     axial = slice(int(zs[0]), int(zs[-1]) + 1)
-    footprint = reduce_unreversed(np.any, mask[:, :, axial], axis=2)
-    xs, ys = np.flatnonzero(footprint.any(axis=1)), np.flatnonzero(footprint.any(axis=0))
-    nx, ny = footprint.shape
-    return (
-        slice(max(int(xs[0]) - margin, 0), min(int(xs[-1]) + 1 + margin, nx)),
-        slice(max(int(ys[0]) - margin, 0), min(int(ys[-1]) + 1 + margin, ny)),
-        axial,
-    )
+    x0, x1, y0, y1 = bounding_box(reduce_unreversed(np.any, mask[:, :, axial], axis=2), margin)
+    return slice(x0, x1), slice(y0, y1), axial
 
 
 def _frame_slices(
