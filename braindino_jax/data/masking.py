@@ -131,25 +131,3 @@ def max_masked_tokens(batch_size: int, grid: tuple[int, int], mask_sample_probab
     edges = _ratio_edges(batch_size, mask_sample_probability, mask_ratio_range)
     return max(1, sum(int(n_patches * e) for e in edges[1:]))
 
-
-def masked_token_indices(masks: np.ndarray, max_masked: int) -> tuple[np.ndarray, np.ndarray]:
-    """Flat indices and loss weights of the masked tokens, padded to ``max_masked``.
-
-    ``masks`` is bool [B, N]. Returns ``indices`` int32 [max_masked] into the flattened
-    [B * N] token axis (padding slots point at token 0) and ``weights`` float32 [max_masked]
-    equal to ``1 / n_masked(image)`` for real slots and 0 for padding. Host-side twin of
-    :func:`braindino_jax.ssl.ibot.masked_token_indices`.
-    """
-    masks = np.asarray(masks)
-    if masks.ndim != 2 or masks.dtype != np.bool_:
-        raise ValueError(f"masks: expected bool [B, N], got {masks.dtype} {masks.shape}")
-    flat = np.flatnonzero(masks)
-    if flat.size > max_masked:
-        raise ValueError(
-            f"max_masked: {flat.size} masked tokens exceed the buffer of {max_masked}")
-    per_image = masks.sum(axis=1)
-    indices = np.zeros(max_masked, dtype=np.int32)
-    weights = np.zeros(max_masked, dtype=np.float32)
-    indices[:flat.size] = flat
-    weights[:flat.size] = 1.0 / per_image[flat // masks.shape[1]]
-    return indices, weights

@@ -19,8 +19,7 @@ def masked_token_indices(masks: jax.Array, max_masked: int) -> tuple[jax.Array, 
 
     ``masks`` bool [B, N]. Returns int32 [max_masked] indices (padding points at token 0) and
     float32 [max_masked] weights (0 for padding). Tokens beyond ``max_masked`` would be
-    dropped; the bound from ``max_masked_tokens`` guarantees there are none, and the host twin
-    :func:`braindino_jax.data.masking.masked_token_indices` raises instead.
+    dropped; the bound from ``max_masked_tokens`` guarantees there are none.
     """
     masks = jnp.asarray(masks)
     if masks.ndim != 2 or masks.dtype != jnp.bool_:

@@ -107,22 +107,6 @@ def test_blocks_reach_every_position():
     assert np.all(coverage > 0)
 
 
-def test_masked_token_indices_matches_bruteforce():
-    masks = masking.sample_masks(np.random.default_rng(6), 12, GRID)
-    bound = masking.max_masked_tokens(12, GRID)
-    indices, weights = masking.masked_token_indices(masks, bound)
-    assert indices.shape == weights.shape == (bound,)
-    assert indices.dtype == np.int32 and weights.dtype == np.float32
-    expected = [(b * N + t, 1.0 / masks[b].sum())
-                for b in range(12) for t in range(N) if masks[b, t]]
-    n = len(expected)
-    np.testing.assert_array_equal(indices[:n], [e[0] for e in expected])
-    np.testing.assert_allclose(weights[:n], [e[1] for e in expected], rtol=1e-7)
-    assert np.all(weights[n:] == 0)
-    # Each masked image carries total weight 1.
-    np.testing.assert_allclose(weights.sum(), (masks.sum(axis=1) > 0).sum(), rtol=1e-6)
-
-
 @pytest.mark.parametrize("kwargs,field", [
     (dict(batch_size=0), "batch_size"),
     (dict(grid=(14, 0)), "grid"),
@@ -136,8 +120,3 @@ def test_bad_settings_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         masking.max_masked_tokens(**args)
 
-
-def test_buffer_overflow_is_reported():
-    masks = np.ones((2, 4), dtype=bool)
-    with pytest.raises(ValueError, match="max_masked"):
-        masking.masked_token_indices(masks, 7)

@@ -37,12 +37,19 @@ def batch():
     return masks, student, teacher_logits, bound
 
 
-def test_device_indices_match_host_twin(batch):
+def test_indices_and_weights_match_bruteforce(batch):
     masks, _, _, bound = batch
-    host = masking.masked_token_indices(masks, bound)
-    device = jax.jit(masked_token_indices, static_argnums=1)(masks, bound)
-    np.testing.assert_array_equal(np.asarray(device[0]), host[0])
-    np.testing.assert_allclose(np.asarray(device[1]), host[1], rtol=1e-7)
+    indices, weights = jax.jit(masked_token_indices, static_argnums=1)(masks, bound)
+    assert indices.shape == weights.shape == (bound,)
+    assert indices.dtype == jnp.int32 and weights.dtype == jnp.float32
+    expected = [(b * N + t, 1.0 / masks[b].sum())
+                for b in range(B) for t in range(N) if masks[b, t]]
+    n = len(expected)
+    np.testing.assert_array_equal(np.asarray(indices[:n]), [e[0] for e in expected])
+    np.testing.assert_allclose(np.asarray(weights[:n]), [e[1] for e in expected], rtol=1e-7)
+    assert np.all(np.asarray(weights[n:]) == 0)
+    # Each masked image carries total weight 1.
+    np.testing.assert_allclose(float(weights.sum()), (masks.sum(axis=1) > 0).sum(), rtol=1e-6)
 
 
 def _targets_and_loss(masks, student, teacher_logits, bound, mode, center):
