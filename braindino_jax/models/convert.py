@@ -67,34 +67,18 @@ def read_state_dict(path: str | os.PathLike, section: str = "teacher") -> StateD
 
 
 def _read_safetensors(path: str) -> StateDict:
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.numpy import load_file
 
     try:
-        raw = load_file(path)
-    except TypeError:
-        raw = _read_safetensors_bf16(path)  # numpy has no bfloat16; decode it through ml_dtypes
+        try:
+            raw = load_file(path)
+        except TypeError:  # numpy has no bfloat16: read through JAX, kept on the host
+            with jax.default_device(jax.devices("cpu")[0]), safe_open(path, framework="flax") as f:
+                raw = f.get_tensors()
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
     return {k: _to_numpy(v) for k, v in raw.items()}
-
-
-def _read_safetensors_bf16(path: str) -> dict[str, np.ndarray]:
-    import ml_dtypes
-
-    dtypes = {"BF16": ml_dtypes.bfloat16, "F32": np.float32, "F16": np.float16, "F64": np.float64,
-              "I64": np.int64, "I32": np.int32, "U8": np.uint8, "BOOL": np.bool_}
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-        data = f.read()
-    out = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        out[key] = np.frombuffer(data[start:end], dtypes[info["dtype"]]).reshape(info["shape"])
-    return out
 
 
 def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
