@@ -124,11 +124,16 @@ def time_call(fn, *args, repeats: int) -> float:
 
 def device_block_masks(key, batch: int, grid=GRID, probability=0.5, ratio_range=(0.1, 0.5)):
     """jax port of masking.sample_masks' rule (stratified targets, rectangles until the
-    target, 10 failed draws end a mask), for timing the on-device option only."""
+    target, MAX_ATTEMPTS failed draws end a mask), for timing the on-device option only.
+
+    It takes its constants and ratio edges from `masking`; the loop itself is a traced
+    while-loop, a second implementation the library has no use for (masks are made on the
+    host), so it lives here rather than in `masking`.
+    """
     gh, gw = grid
     n_patches = gh * gw
     max_block = int(masking.MAX_BLOCK_FRACTION * n_patches)
-    edges = np.linspace(ratio_range[0], ratio_range[1], int(batch * probability) + 1)
+    edges = masking.ratio_edges(batch, probability, ratio_range)
     lo = np.zeros(batch, np.float32)
     hi = np.zeros(batch, np.float32)
     lo[:len(edges) - 1], hi[:len(edges) - 1] = edges[:-1], edges[1:]
@@ -141,7 +146,7 @@ def device_block_masks(key, batch: int, grid=GRID, probability=0.5, ratio_range=
 
         def cond(state):
             _, count, fails, _ = state
-            return (count < target) & (fails < 10)  # 10 failed draws in a row, as the host
+            return (count < target) & (fails < masking.MAX_ATTEMPTS)  # failed draws in a row
 
         def body(state):
             mask, count, fails, key = state

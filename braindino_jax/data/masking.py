@@ -25,7 +25,7 @@ ASPECT_RATIO_RANGE = (0.3, 1 / 0.3)
 # A single rectangle covers at most this fraction of the grid (DINOv2 uses half the patches).
 MAX_BLOCK_FRACTION = 0.5
 # Placement attempts per rectangle before giving up on reaching the target count.
-_MAX_ATTEMPTS = 10
+MAX_ATTEMPTS = 10
 
 
 def _validate(batch_size: int, grid: tuple[int, int], mask_sample_probability: float,
@@ -45,8 +45,8 @@ def _validate(batch_size: int, grid: tuple[int, int], mask_sample_probability: f
             f"mask_ratio_range: need 0 <= low <= high <= 1, got {mask_ratio_range!r}")
 
 
-def _ratio_edges(batch_size: int, mask_sample_probability: float,
-                 mask_ratio_range: tuple[float, float]) -> np.ndarray:
+def ratio_edges(batch_size: int, mask_sample_probability: float,
+                mask_ratio_range: tuple[float, float]) -> np.ndarray:
     """Edges of the stratified ratio sub-intervals, one interval per masked sample."""
     n_masked = int(batch_size * mask_sample_probability)
     return np.linspace(mask_ratio_range[0], mask_ratio_range[1], n_masked + 1)
@@ -58,13 +58,13 @@ def add_random_block(rng: np.random.Generator, mask: np.ndarray, max_new: int) -
     The target area is uniform between ``MIN_BLOCK_PATCHES`` and ``max_new``, the log aspect
     ratio uniform over ``ASPECT_RATIO_RANGE``; height and width are the rounded square roots
     of area·aspect and area/aspect. Rectangles that do not fit strictly inside the grid or that
-    would add too many patches are redrawn, up to ``_MAX_ATTEMPTS`` times. Returns the number of
+    would add too many patches are redrawn, up to ``MAX_ATTEMPTS`` times. Returns the number of
     newly masked patches (0 if no attempt fit).
     """
     grid_h, grid_w = mask.shape
     log_aspect = (math.log(ASPECT_RATIO_RANGE[0]), math.log(ASPECT_RATIO_RANGE[1]))
     area_range = sorted((MIN_BLOCK_PATCHES, max_new))
-    for _ in range(_MAX_ATTEMPTS):
+    for _ in range(MAX_ATTEMPTS):
         area = rng.uniform(*area_range)
         aspect = math.exp(rng.uniform(*log_aspect))
         h = int(round(math.sqrt(area * aspect)))
@@ -111,7 +111,7 @@ def sample_masks(rng: np.random.Generator, batch_size: int, grid: tuple[int, int
     _validate(batch_size, grid, mask_sample_probability, mask_ratio_range)
     grid = (int(grid[0]), int(grid[1]))
     n_patches = grid[0] * grid[1]
-    edges = _ratio_edges(batch_size, mask_sample_probability, mask_ratio_range)
+    edges = ratio_edges(batch_size, mask_sample_probability, mask_ratio_range)
     masks = np.zeros((batch_size, n_patches), dtype=bool)
     for i in range(len(edges) - 1):
         n_target = int(n_patches * rng.uniform(edges[i], edges[i + 1]))
@@ -128,6 +128,6 @@ def max_masked_tokens(batch_size: int, grid: tuple[int, int], mask_sample_probab
     """
     _validate(batch_size, grid, mask_sample_probability, mask_ratio_range)
     n_patches = int(grid[0]) * int(grid[1])
-    edges = _ratio_edges(batch_size, mask_sample_probability, mask_ratio_range)
+    edges = ratio_edges(batch_size, mask_sample_probability, mask_ratio_range)
     return max(1, sum(int(n_patches * e) for e in edges[1:]))
 
