@@ -20,8 +20,6 @@ from braindino_jax.preprocessing.config import PrepConfig
 from braindino_jax.preprocessing.errors import VolumeError
 from braindino_jax.preprocessing.volume import preprocess_series
 
-_HASH_CHUNK = 1 << 20
-
 
 @dataclasses.dataclass
 class VolumeResult:
@@ -36,11 +34,8 @@ def volume_key(path: str) -> str:
 
 
 def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def base_row(index: int, volume: InputVolume, status: str, reason: str | None = None) -> dict[str, Any]:
