@@ -30,6 +30,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from braindino_jax.cli.prep import build_parser, inputs_from_args, options_from_args
 from braindino_jax.data import manifest, records, shards
+from braindino_jax.data.atomic_file import temp_name
 from braindino_jax.data.dataset_card import build_card, encode_card
 from braindino_jax.data.inputs import InputError, InputVolume, is_url
 from braindino_jax.data.qc_montage import QcSampler
@@ -42,7 +43,7 @@ from data_prep.volume_task import VolumeResult, base_row, prepare_volume
 def _publish(dest: str, data: bytes) -> None:
     """Write a whole file under `dest` through Beam's file systems (temp name, then rename)."""
     directory, name = dest.rsplit("/", 1) if "/" in dest else (".", dest)
-    tmp = FileSystems.join(directory, f".{name}.tmp-{os.getpid()}")
+    tmp = FileSystems.join(directory, temp_name(name))
     with FileSystems.create(tmp) as f:
         f.write(data)
     FileSystems.rename([tmp], [dest])

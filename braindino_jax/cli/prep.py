@@ -14,6 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from braindino_jax.data.atomic_file import temp_name
 from braindino_jax.data.inputs import (
     DEFAULT_PATTERNS,
     InputError,
@@ -114,7 +115,7 @@ def _write_demo_inputs(out_dir: Path) -> list[str]:
 
     target = out_dir / DEMO_INPUTS
     if not target.is_dir():
-        tmp = out_dir / f".{DEMO_INPUTS}.tmp-{os.getpid()}"
+        tmp = out_dir / temp_name(DEMO_INPUTS)
         shutil.rmtree(tmp, ignore_errors=True)
         write_demo_dataset(tmp)
         os.replace(tmp, target)

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
+from braindino_jax.data.atomic_file import temp_name
+
 WRITER_OPTIONS = "group_size:1,zstd:1"  # level 1: as small as 3 on uint8 slices, faster
 # Per-volume work files are read once, into the shards: snappy writes twice as fast as zstd:1 and
 # keeps them a quarter of their raw size; the shards are compressed with zstd once, at the end.
@@ -88,15 +90,10 @@ def shard_members(shard: int, n_shards: int, counts: Sequence[int]) -> list[tupl
     return [(int(v[0]), j) for v, j in zip(np.split(volumes, cuts), np.split(indices, cuts)) if v.size]
 
 
-def _temp_path(path: Path) -> Path:
-    """Hidden name beside `path` for this process to write it under."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def write_array_record(path: str | os.PathLike, records: Iterable[bytes], options: str = WRITER_OPTIONS) -> int:
     """Write one ArrayRecord file atomically; returns the number of records written."""
     path = Path(path)
-    tmp = _temp_path(path)
+    tmp = path.with_name(temp_name(path.name))
     writer = ArrayRecordWriter(str(tmp), options)
     count = 0
     try:
@@ -151,7 +148,7 @@ class ShardSet:
         self.out_dir = Path(out_dir)
         self.prefix = prefix
         self.paths = [shard_path(out_dir, prefix, i, n_shards) for i in range(n_shards)]
-        self.temps = [_temp_path(p) for p in self.paths]
+        self.temps = [p.with_name(temp_name(p.name)) for p in self.paths]
         self._committed = False
 
     def __enter__(self) -> "ShardSet":
