@@ -154,6 +154,16 @@ def _rotation(axis: np.ndarray, degrees: float) -> np.ndarray:
     return np.eye(3) + math.sin(a) * k + (1 - math.cos(a)) * (k @ k)
 
 
+def _axis_codes(orientation: str) -> str:
+    """``orientation`` upper-cased, checked to name each world axis once (e.g. "LPS")."""
+    codes = orientation.upper()
+    if len(codes) != 3 or any(c not in _AXCODES for c in codes):
+        raise ValueError(f"orientation: expected three axis codes from 'LRAPSI', got {orientation!r}")
+    if sorted(_AXCODES[c][0] for c in codes) != [0, 1, 2]:
+        raise ValueError(f"orientation: {orientation!r} does not name each of x, y and z once")
+    return codes
+
+
 def phantom_affine(
     shape: tuple[int, int, int],
     spacing: tuple[float, float, float],
@@ -166,11 +176,7 @@ def phantom_affine(
     ``orientation`` uses nibabel's axis codes (the direction each voxel axis increases toward,
     e.g. "LPS", "RAS", "PIR"); ``oblique_deg`` then rotates the grid about ``oblique_axis``.
     """
-    codes = orientation.upper()
-    if len(codes) != 3 or any(c not in _AXCODES for c in codes):
-        raise ValueError(f"orientation: expected three axis codes from 'LRAPSI', got {orientation!r}")
-    if sorted(_AXCODES[c][0] for c in codes) != [0, 1, 2]:
-        raise ValueError(f"orientation: {orientation!r} does not name each of x, y and z once")
+    codes = _axis_codes(orientation)
     linear = np.zeros((3, 3))
     for axis, (code, step) in enumerate(zip(codes, spacing)):
         world, sign = _AXCODES[code]
@@ -206,10 +212,8 @@ def make_phantom(
     if modality not in _CONTRASTS:
         raise ValueError(f"modality: expected one of {MODALITIES}, got {modality!r}")
     spacing = tuple(float(s) for s in spacing)
-    codes = orientation.upper()
+    codes = _axis_codes(orientation)
     if shape is None:
-        if len(codes) != 3 or any(c not in _AXCODES for c in codes):
-            raise ValueError(f"orientation: expected three axis codes from 'LRAPSI', got {orientation!r}")
         shape = tuple(
             int(math.ceil(DEFAULT_FOV_MM[_AXCODES[c][0]] / s)) for c, s in zip(codes, spacing)
         )
