@@ -27,8 +27,8 @@ def bounding_box(mask_2d: np.ndarray, margin: int) -> tuple[int, int, int, int] 
     )
 
 
-def shrink_to_fit(stack: np.ndarray, size: int, order: int = 1) -> np.ndarray:
-    """Resize a float stack [N, h, w] uniformly so its longer side is ``size``.
+def shrink_to_fit(stack: np.ndarray, size: int) -> np.ndarray:
+    """Resize a float stack [N, h, w] uniformly so its longer side is ``size`` (linear).
 
     The box of each output pixel maps onto the input (pixel centres at +0.5), and a Gaussian
     pre-filter of sigma (1/f - 1)/2 limits aliasing when shrinking by the factor f.
@@ -44,7 +44,7 @@ def shrink_to_fit(stack: np.ndarray, size: int, order: int = 1) -> np.ndarray:
     offset[0] = 0.0
     return ndimage.affine_transform(
         stack, scale, offset, output_shape=(stack.shape[0], out_h, out_w),
-        output=np.float32, order=order, mode="nearest",
+        output=np.float32, order=1, mode="nearest",
     )
 
 
