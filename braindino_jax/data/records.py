@@ -18,6 +18,8 @@ SCHEMA_VERSION: int = 1
 _STR_FIELDS = ("dataset", "subject", "session", "modality", "source_path")
 _INT_FIELDS = ("slice_index", "n_slices", "volume_index")
 _FLOAT_FIELDS = ("fg_mean", "fg_std")
+_SCALAR_FIELDS = _STR_FIELDS + _INT_FIELDS + _FLOAT_FIELDS
+_PAYLOAD_KEYS = frozenset({"schema_version", "pixels", "height", "width", "spacing", *_SCALAR_FIELDS})
 
 
 class RecordError(ValueError):
@@ -81,15 +83,9 @@ class SliceRecord:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, SliceRecord):
             return NotImplemented
-        return (
-            self.pixels.dtype == other.pixels.dtype
-            and self.pixels.shape == other.pixels.shape
-            and np.array_equal(self.pixels, other.pixels)
-            and all(
-                getattr(self, f.name) == getattr(other, f.name)
-                for f in dataclasses.fields(self)
-                if f.name != "pixels"
-            )
+        # Both pixel arrays are 2-D uint8 (__post_init__), so array_equal (shapes included) suffices.
+        return np.array_equal(self.pixels, other.pixels) and all(
+            getattr(self, f.name) == getattr(other, f.name) for f in dataclasses.fields(self) if f.name != "pixels"
         )
 
 
@@ -102,7 +98,7 @@ def encode(record: SliceRecord) -> bytes:
         "width": int(record.pixels.shape[1]),
         "spacing": list(record.spacing),
     }
-    for name in _STR_FIELDS + _INT_FIELDS + _FLOAT_FIELDS:
+    for name in _SCALAR_FIELDS:
         payload[name] = getattr(record, name)
     return msgpack.packb(payload, use_bin_type=True)
 
@@ -120,8 +116,7 @@ def decode(data: bytes) -> SliceRecord:
         raise RecordError(
             f"record schema_version {version!r} is not supported (this code reads {SCHEMA_VERSION})"
         )
-    expected = {"pixels", "height", "width", "spacing", *_STR_FIELDS, *_INT_FIELDS, *_FLOAT_FIELDS}
-    missing = expected - payload.keys()
+    missing = _PAYLOAD_KEYS - payload.keys()
     if missing:
         raise RecordError(f"record is missing fields: {sorted(missing)}")
     height, width, raw = payload["height"], payload["width"], payload["pixels"]
@@ -132,5 +127,5 @@ def decode(data: bytes) -> SliceRecord:
     pixels = np.frombuffer(raw, dtype=np.uint8).reshape(height, width).copy()
     if not isinstance(payload["spacing"], list):
         raise RecordError("record spacing is not a list")
-    fields = {name: payload[name] for name in _STR_FIELDS + _INT_FIELDS + _FLOAT_FIELDS}
+    fields = {name: payload[name] for name in _SCALAR_FIELDS}
     return SliceRecord(pixels=pixels, spacing=tuple(payload["spacing"]), schema_version=version, **fields)
