@@ -28,6 +28,14 @@ def _check_crops(name: str, x: jax.Array) -> None:
         raise ValueError(f"{name}: expected [crops, batch, K], got shape {x.shape}")
 
 
+def _n_pairs(n_student: int, n_teacher: int, ignore_diagonal: bool) -> int:
+    """(student crop, teacher crop) pairs, less the same-crop pairs if ``ignore_diagonal``."""
+    n_pairs = n_student * n_teacher - (min(n_student, n_teacher) if ignore_diagonal else 0)
+    if n_pairs == 0:
+        raise ValueError("ignore_diagonal: leaves no (student, teacher) crop pair")
+    return n_pairs
+
+
 def dino_cross_entropy(student_logits: jax.Array, teacher_probs: jax.Array,
                        student_temp: float = 0.1, ignore_diagonal: bool = False) -> jax.Array:
     """Mean cross-entropy over all (student crop s, teacher crop t) pairs of the same image.
@@ -50,14 +58,9 @@ def dino_cross_entropy(student_logits: jax.Array, teacher_probs: jax.Array,
     log_p = jax.nn.log_softmax(as_loss_dtype(student_logits) / student_temp, axis=-1)
     targets = jax.lax.stop_gradient(as_loss_dtype(teacher_probs))
     pair_ce = -jnp.einsum("sbk,tbk->st", log_p, targets, precision=_HIGHEST)
-    n_pairs = n_student * n_teacher
     if ignore_diagonal:
-        n_diag = min(n_student, n_teacher)
         pair_ce = jnp.where(jnp.eye(n_student, n_teacher, dtype=bool), 0.0, pair_ce)
-        n_pairs -= n_diag
-    if n_pairs == 0:
-        raise ValueError("ignore_diagonal: leaves no (student, teacher) crop pair")
-    return jnp.sum(pair_ce) / (batch * n_pairs)
+    return jnp.sum(pair_ce) / (batch * _n_pairs(n_student, n_teacher, ignore_diagonal))
 
 
 class DinoLoss(NamedTuple):
@@ -87,12 +90,11 @@ def dino_loss(student_global_logits: jax.Array, student_local_logits: jax.Array 
     """
     global_ce = dino_cross_entropy(student_global_logits, teacher_probs, student_temp,
                                    ignore_diagonal)
-    n_teacher = teacher_probs.shape[0]
-    n_student = student_global_logits.shape[0]
-    n_global = n_student * n_teacher - (min(n_student, n_teacher) if ignore_diagonal else 0)
     if student_local_logits is None or student_local_logits.shape[0] == 0:
         return DinoLoss(global_ce, global_ce, jnp.zeros((), jnp.float32))
     local_ce = dino_cross_entropy(student_local_logits, teacher_probs, student_temp)
-    n_local = student_local_logits.shape[0] * n_teacher
+    n_teacher = teacher_probs.shape[0]
+    n_global = _n_pairs(student_global_logits.shape[0], n_teacher, ignore_diagonal)
+    n_local = _n_pairs(student_local_logits.shape[0], n_teacher, False)
     total = (n_global * global_ce + n_local * local_ce) / (n_global + n_local)
     return DinoLoss(total, global_ce, local_ce)
