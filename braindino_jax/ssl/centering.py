@@ -32,13 +32,19 @@ def _samples(teacher_logits: jax.Array, valid: jax.Array | None) -> tuple[jax.Ar
     return flat, valid.reshape(-1).astype(bool)
 
 
+def _center(center: jax.Array, k: int) -> jax.Array:
+    """The center in the loss dtype, checked to be [K] for the logits' K."""
+    center = as_loss_dtype(center)
+    if center.shape != (k,):
+        raise ValueError(f"center: expected shape ({k},), got {center.shape}")
+    return center
+
+
 def softmax_center_targets(teacher_logits: jax.Array, center: jax.Array,
                            temperature: float | jax.Array) -> jax.Array:
     """DINO softmax centering: ``softmax((t - c) / τ_t)`` over the prototypes, float32 [..., K]."""
     logits, _ = _samples(teacher_logits, None)
-    center = as_loss_dtype(center)
-    if center.shape != (logits.shape[-1],):
-        raise ValueError(f"center: expected shape ({logits.shape[-1]},), got {center.shape}")
+    center = _center(center, logits.shape[-1])
     probs = jax.nn.softmax((logits - center) / temperature, axis=-1)
     return probs.reshape(jnp.shape(teacher_logits))
 
@@ -52,9 +58,7 @@ def update_center(center: jax.Array, teacher_logits: jax.Array, momentum: float 
     with none leaves the center unchanged.
     """
     logits, valid = _samples(teacher_logits, valid)
-    center = as_loss_dtype(center)
-    if center.shape != (logits.shape[-1],):
-        raise ValueError(f"center: expected shape ({logits.shape[-1]},), got {center.shape}")
+    center = _center(center, logits.shape[-1])
     weights = valid.astype(logits.dtype)
     count = jnp.sum(weights)
     batch_mean = jnp.sum(logits * weights[:, None], axis=0) / jnp.maximum(count, 1.0)

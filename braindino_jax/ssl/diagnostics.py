@@ -14,10 +14,9 @@ import math
 
 import jax
 import jax.numpy as jnp
-
-from braindino_jax.ssl.dtypes import as_loss_dtype
 from jax.scipy.special import entr
 
+from braindino_jax.ssl.dtypes import as_loss_dtype
 from braindino_jax.ssl.normalize import l2_normalize
 
 
