@@ -11,6 +11,7 @@ only once complete (temp file + rename), and a set only once all its shards are 
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import re
@@ -61,11 +62,7 @@ def count_shards(
 
 def record_offsets(counts: Sequence[int]) -> list[int]:
     """Global offset of each volume's first record, volumes taken in the given order."""
-    offsets, total = [], 0
-    for count in counts:
-        offsets.append(total)
-        total += count
-    return offsets
+    return list(itertools.accumulate(counts, initial=0))[:-1]
 
 
 def shard_of(offset: int, index_in_volume: int, n_shards: int) -> int:
@@ -126,9 +123,11 @@ def read_array_record(
             raise ShardError(f"{path}: holds {count} records, expected {expect}")
         if indices is None:
             return list(reader.read_all())
-        if len(indices) and not 0 <= min(indices) <= max(indices) < count:
-            raise ShardError(f"{path}: holds {count} records, asked for index {max(indices)}")
-        return reader.read([int(i) for i in indices])
+        indices = np.asarray(indices, dtype=np.int64)
+        outside = indices[(indices < 0) | (indices >= count)]
+        if outside.size:
+            raise ShardError(f"{path}: holds {count} records, asked for index {outside[0]}")
+        return reader.read(indices.tolist())
     finally:
         reader.close()
 

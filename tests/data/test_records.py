@@ -163,3 +163,16 @@ def test_shard_count_targets():
     assert shards.count_shards(0, 0, target_records=5) == 1
     with pytest.raises(ValueError, match="exactly one"):
         shards.count_shards(1, 1)
+
+
+def test_read_by_index_and_out_of_range_names_the_index(tmp_path):
+    path = tmp_path / "work.array_record"
+    shards.write_array_record(path, [b"r0", b"r1", b"r2"], shards.WORK_OPTIONS)
+    assert shards.read_array_record(path) == [b"r0", b"r1", b"r2"]
+    assert shards.read_array_record(path, np.array([2, 0]), expect=3) == [b"r2", b"r0"]
+    with pytest.raises(shards.ShardError, match="holds 3 records, expected 4"):
+        shards.read_array_record(path, [0], expect=4)
+    with pytest.raises(shards.ShardError, match="asked for index -1"):
+        shards.read_array_record(path, [1, -1])
+    with pytest.raises(shards.ShardError, match="asked for index 3"):
+        shards.read_array_record(path, [3, 0])
