@@ -92,8 +92,8 @@ def _scaling_overflows(volume: LoadedVolume) -> bool:
     """Whether scaling turns some stored integer into +-inf in float32 (a garbage scl_slope).
 
     The dtype's range bounds the scaled values, so the stored extremes are read (one pass)
-    only when that bound is out of float32's reach. Scaling is monotone, so the extremes
-    overflow first.
+    only when that bound comes within a factor 2 of float32's largest value; scaling is
+    monotone, so if any voxel overflows, an extreme does.
     """
     info = np.iinfo(volume.stored.dtype)
     bound = max(-float(info.min), float(info.max)) * abs(volume.slope) + abs(volume.inter)
