@@ -191,10 +191,26 @@ class _Decoder:
         }
 
 
-def _dataset(paths: Sequence[str], image_size: int, seed: int) -> grain.MapDataset:
+def _nonempty_source(paths: Sequence[str]) -> _NamedSource:
     source = _NamedSource(paths)
     if len(source) == 0:
         raise PipelineError(f"shards {list(paths)} hold no records")
+    return source
+
+
+def first_record(paths: Sequence[str]) -> records.SliceRecord:
+    """The first record of the concatenated shards (empty ones skipped), errors naming the file.
+
+    Lets a tool size its `PipelineConfig` (e.g. `image_size`) from the data it will read.
+    """
+    try:
+        return records.decode(_nonempty_source(paths)[0])
+    except records.RecordError as exc:
+        raise PipelineError(f"{_locate(paths, 0)}: {exc}") from exc
+
+
+def _dataset(paths: Sequence[str], image_size: int, seed: int) -> grain.MapDataset:
+    source = _nonempty_source(paths)
     ds = grain.MapDataset.source(source).map_with_index(_Decoder(paths, image_size))
     return ds.shuffle(seed=seed).repeat()
 

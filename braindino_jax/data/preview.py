@@ -16,12 +16,10 @@ from typing import Sequence
 
 import jax
 import numpy as np
-from array_record.python.array_record_module import ArrayRecordReader
 from PIL import Image
 
-from braindino_jax.data import records
 from braindino_jax.data.augment import AugmentConfig, augment_batch
-from braindino_jax.data.pipeline import PipelineConfig, PipelineError, expand_shards, host_dataset
+from braindino_jax.data.pipeline import PipelineConfig, expand_shards, first_record, host_dataset
 
 _MASK_TINT = np.array([255, 0, 0], np.float32)
 _MASK_ALPHA = 0.45
@@ -89,25 +87,6 @@ def render_grid(
     return Image.fromarray(np.round(canvas).astype(np.uint8), mode="RGB")
 
 
-def _stored_image_size(paths: Sequence[str]) -> int:
-    """Side of the first stored slice, skipping empty shards; bad files are named."""
-    for path in paths:
-        reader = ArrayRecordReader(path)
-        try:
-            if not reader.ok():
-                raise RuntimeError("not a readable ArrayRecord file")
-            blobs = reader.read([0]) if reader.num_records() else []
-            reader.close()
-        except RuntimeError as exc:  # array_record's errors name no file
-            raise PipelineError(f"cannot open shard {path}: {exc}") from exc
-        if blobs:
-            try:
-                return records.decode(blobs[0]).pixels.shape[0]
-            except records.RecordError as exc:
-                raise PipelineError(f"{path} (record 0): {exc}") from exc
-    raise PipelineError(f"shards {list(paths)} hold no records")
-
-
 @functools.lru_cache(maxsize=4)
 def _augment_fn(config: AugmentConfig):
     return jax.jit(functools.partial(augment_batch, config=config))
@@ -128,7 +107,7 @@ def preview_shards(
     paths = [p for pattern in shards for p in expand_shards(pattern)]
     grid = augment.global_size // patch_size
     config = PipelineConfig(shards=tuple(paths), batch_size=n_samples,
-                            image_size=_stored_image_size(paths), seed=seed,
+                            image_size=first_record(paths).pixels.shape[0], seed=seed,
                             mask_grid=(grid, grid), read_threads=0)
     iterator = iter(host_dataset(config, process_index=0, process_count=1))
     batch = next(iterator)
