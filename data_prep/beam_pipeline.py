@@ -14,6 +14,7 @@ it an output folder without shards.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import sys
@@ -21,7 +22,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from functools import reduce
-from typing import Any
+from typing import Any, BinaryIO
 
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
@@ -40,12 +41,13 @@ from data_prep.summary import RunSummary
 from data_prep.volume_task import VolumeResult, base_row, prepare_volume
 
 
-def _publish(dest: str, data: bytes) -> None:
-    """Write a whole file under `dest` through Beam's file systems (temp name, then rename)."""
+def _publish(dest: str, source: BinaryIO) -> None:
+    """Stream `source` to `dest` through Beam's file systems (temp name, then rename), so a
+    gigabyte shard is copied in chunks rather than read into memory whole."""
     directory, name = dest.rsplit("/", 1) if "/" in dest else (".", dest)
     tmp = FileSystems.join(directory, temp_name(name))
     with FileSystems.create(tmp) as f:
-        f.write(data)
+        shutil.copyfileobj(source, f)
     FileSystems.rename([tmp], [dest])
 
 
@@ -95,7 +97,7 @@ def _write_shard(item: tuple[int, Any], plan: dict[str, Any], out: str, prefix: 
         local = os.path.join(tmp, name)
         shards.write_array_record(local, (data for _, _, data in sorted(entries, key=lambda e: e[:2])))
         with open(local, "rb") as f:
-            _publish(FileSystems.join(out, name), f.read())
+            _publish(FileSystems.join(out, name), f)
     return name
 
 
@@ -125,18 +127,18 @@ def _write_qc(sampler: QcSampler, out: str) -> list[str]:
         names = sorted(os.listdir(tmp))
         for name in names:
             with open(os.path.join(tmp, name), "rb") as f:
-                _publish(FileSystems.join(out, QC_DIR, name), f.read())
+                _publish(FileSystems.join(out, QC_DIR, name), f)
     return [FileSystems.join(out, QC_DIR, p.name) for p in written]
 
 
 def _write_reports(rows: list[dict], skipped: list[dict], plan: dict[str, Any], out: str,
                    options: RunOptions) -> None:
     rows = sorted(rows + skipped, key=lambda r: r["index"])
-    _publish(FileSystems.join(out, MANIFEST), manifest.encode_manifest(rows))
+    _publish(FileSystems.join(out, MANIFEST), io.BytesIO(manifest.encode_manifest(rows)))
     names = [shards.shard_path("", options.shard_prefix, s, plan["n_shards"]).name
              for s in range(plan["n_shards"])]
-    _publish(FileSystems.join(out, DATASET_CARD), encode_card(build_card(rows, options.config, names,
-                                                                          plan["per_shard"])))
+    card = build_card(rows, options.config, names, plan["per_shard"])
+    _publish(FileSystems.join(out, DATASET_CARD), io.BytesIO(encode_card(card)))
 
 
 def build_pipeline(
