@@ -36,7 +36,7 @@ from flax import nnx
 from braindino_jax.models.config import ViTConfig
 from braindino_jax.models.heads import DINOHead, HeadConfig
 from braindino_jax.models.rope import rope_periods
-from braindino_jax.models.vit import VisionTransformer, abstract_vit
+from braindino_jax.models.vit import VisionTransformer, abstract_vit, k_bias_mask
 
 StateDict = dict[str, np.ndarray]
 CONFIG_METADATA_KEY = "braindino_vit_config"
@@ -190,12 +190,8 @@ def timm_to_meta(state: Mapping[str, np.ndarray]) -> StateDict:
             base = key[: -len("q_bias")]
             q, v = np.asarray(state[key]), np.asarray(state[base + "v_bias"])
             out[base + "qkv.bias"] = np.concatenate([q, np.zeros_like(q), v])
-            out[base + "qkv.bias_mask"] = _k_bias_mask(q.shape[0])
+            out[base + "qkv.bias_mask"] = k_bias_mask(q.shape[0])
     return out
-
-
-def _k_bias_mask(dim: int) -> np.ndarray:
-    return np.concatenate([np.ones(dim), np.zeros(dim), np.ones(dim)]).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -414,7 +410,7 @@ def backbone_to_meta(model: VisionTransformer) -> StateDict:
         for suffix, path, layout in _block_table(c):
             out[f"blocks.{i}.{suffix}"] = _to_torch(_get(block, path), layout)
         if c.qkv_bias and c.mask_k_bias:
-            out[f"blocks.{i}.attn.qkv.bias_mask"] = _k_bias_mask(c.embed_dim)
+            out[f"blocks.{i}.attn.qkv.bias_mask"] = k_bias_mask(c.embed_dim)
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 

@@ -54,6 +54,11 @@ class LayerScale(nnx.Module):
         return x.astype(_F32) * self.gamma[...]
 
 
+def k_bias_mask(dim: int) -> np.ndarray:
+    """DINOv3's LinearKMaskedBias mask over the qkv bias: 1 on q and v, 0 on the key third."""
+    return np.concatenate([np.ones(dim), np.zeros(dim), np.ones(dim)]).astype(np.float32)
+
+
 class Attention(nnx.Module):
     """Multi-head self-attention with RoPE on the patch tokens only."""
 
@@ -67,11 +72,8 @@ class Attention(nnx.Module):
         c = self.config
         if not (c.qkv_bias and c.mask_k_bias):
             return self.qkv(x)
-        # DINOv3's LinearKMaskedBias: the key third of the bias is multiplied by a fixed 0 mask.
-        d = c.embed_dim
-        mask = np.concatenate([np.ones(d), np.zeros(d), np.ones(d)]).astype(np.float32)
         kernel = self.qkv.kernel[...].astype(c.compute_dtype)
-        bias = (self.qkv.bias[...] * mask).astype(c.compute_dtype)
+        bias = (self.qkv.bias[...] * k_bias_mask(c.embed_dim)).astype(c.compute_dtype)
         return jnp.dot(x.astype(c.compute_dtype), kernel) + bias
 
     def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
