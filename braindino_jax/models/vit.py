@@ -134,7 +134,6 @@ class Block(nnx.Module):
     """Pre-norm transformer block: x + ls1(attn(norm1 x)), then x + ls2(ffn(norm2 x))."""
 
     def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
-        self.config = config
         self.norm1 = _layer_norm(config, rngs)
         self.attn = Attention(config, rngs=rngs)
         self.norm2 = _layer_norm(config, rngs)
@@ -164,12 +163,6 @@ class Block(nnx.Module):
                 y = drop_path(y, drop_rate, k)
             x = x + y
         return x
-
-
-def _run_block(
-    block: Block, x: jax.Array, sin: jax.Array, cos: jax.Array, rate: jax.Array, key: jax.Array | None
-) -> jax.Array:
-    return block(x, sin, cos, rate, key)
 
 
 class VisionTransformer(nnx.Module):
@@ -211,9 +204,6 @@ class VisionTransformer(nnx.Module):
             self.blocks = nnx.List([Block(c, rngs=rngs) for _ in range(c.depth)])
         self.norm = _layer_norm(c, rngs)
         self.deterministic = False
-
-    def grid_size(self, height: int, width: int) -> tuple[int, int]:
-        return height // self.config.patch_size, width // self.config.patch_size
 
     def _check_inputs(self, images: jax.Array, masks: jax.Array | None) -> None:
         c = self.config
@@ -257,7 +247,7 @@ class VisionTransformer(nnx.Module):
         rates = jnp.asarray(c.drop_path_rates(), _F32)
         stochastic = key is not None and c.drop_path_rate > 0
         block_keys = jax.random.split(key, c.depth) if stochastic else None
-        fn = nnx.remat(_run_block) if c.remat else _run_block
+        fn = nnx.remat(Block.__call__) if c.remat else Block.__call__
         if not c.scan_blocks:
             outputs = []
             for i, block in enumerate(self.blocks):
