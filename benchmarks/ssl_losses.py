@@ -85,7 +85,7 @@ def main() -> None:
 
     @jax.jit
     def ibot(s, t, m):
-        indices, weights = masked_token_indices(m, bound)
+        _, weights = masked_token_indices(m, bound)
         targets = centering.sinkhorn_knopp(t, 0.07, valid=weights > 0)
         return jax.value_and_grad(lambda x: ibot_loss(x, targets, weights, m.shape[0]))(s)
 
@@ -95,7 +95,7 @@ def main() -> None:
 
     @jax.jit
     def objective(sg, sl, t, ps, pt, m, f, c):
-        indices, weights = masked_token_indices(m, bound)
+        _, weights = masked_token_indices(m, bound)
 
         def total(sg, sl, ps, f):
             dino_targets = centering.softmax_center_targets(t, c, 0.07)
