@@ -115,6 +115,7 @@ def _write_demo_inputs(out_dir: Path) -> list[str]:
 
     target = out_dir / DEMO_INPUTS
     if not target.is_dir():
+        out_dir.mkdir(parents=True, exist_ok=True)
         tmp = out_dir / temp_name(DEMO_INPUTS)
         shutil.rmtree(tmp, ignore_errors=True)
         write_demo_dataset(tmp)
@@ -159,8 +160,6 @@ def inputs_from_args(args: argparse.Namespace) -> tuple[list[InputVolume], set[s
     if args.csv is not None:
         volumes = read_csv(args.csv, args.modality)
     else:
-        if args.demo:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
         roots = _write_demo_inputs(Path(args.out)) if args.demo else args.root
         volumes = discover(roots, args.pattern or DEFAULT_PATTERNS, args.modality)
     exclusions = read_exclusions(args.exclude_subjects) if args.exclude_subjects else set()
