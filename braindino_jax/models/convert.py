@@ -232,28 +232,22 @@ def _top_table(c: ViTConfig) -> list[tuple[str, tuple[str, ...], str]]:
     return rows
 
 
+# Axes that take a PyTorch tensor to the Flax layout; other layouts ("same") are not permuted.
+_FLAX_AXES = {"linear": (1, 0), "conv": (2, 3, 1, 0)}  # conv: [out, in, kh, kw] -> [kh, kw, in, out]
+
+
 def _to_flax(value: np.ndarray, layout: str) -> np.ndarray:
-    if layout == "linear":
-        return value.T
-    if layout == "conv":
-        return value.transpose(2, 3, 1, 0)  # [out, in, kh, kw] -> [kh, kw, in, out]
-    return value
+    return value.transpose(_FLAX_AXES[layout]) if layout in _FLAX_AXES else value
 
 
 def _to_torch(value: np.ndarray, layout: str) -> np.ndarray:
-    if layout == "linear":
-        return value.T
-    if layout == "conv":
-        return value.transpose(3, 2, 0, 1)
-    return value
+    return value.transpose(np.argsort(_FLAX_AXES[layout])) if layout in _FLAX_AXES else value
 
 
 def _torch_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
-    if layout == "linear":
-        return tuple(reversed(shape))
-    if layout == "conv":
-        return (shape[3], shape[2], shape[0], shape[1])
-    return tuple(shape)
+    if layout not in _FLAX_AXES:
+        return tuple(shape)
+    return tuple(int(shape[i]) for i in np.argsort(_FLAX_AXES[layout]))
 
 
 def _get(tree: Mapping, path: tuple) -> Any:
@@ -363,20 +357,20 @@ def meta_to_backbone(state: Mapping[str, np.ndarray], config: ViTConfig) -> Visi
     graphdef, abstract_state = nnx.split(model)
     pure = nnx.to_pure_dict(abstract_state)
 
-    def put(path: tuple, value: np.ndarray, dtype: Any) -> None:
-        _set(pure, path, jnp.asarray(value, dtype))
+    def put(path: tuple, value: np.ndarray) -> None:
+        _set(pure, path, jnp.asarray(value, _get(pure, path).dtype))
 
     for key, path, layout in _top_table(config):
-        put(path, _to_flax(state[key], layout), _get(pure, path).dtype)
+        put(path, _to_flax(state[key], layout))
     rows = _block_table(config)
     if config.scan_blocks:
         for suffix, path, layout in rows:
             stacked = np.stack([_to_flax(state[f"blocks.{i}.{suffix}"], layout) for i in range(config.depth)])
-            put(("blocks",) + path, stacked, _get(pure["blocks"], path).dtype)
+            put(("blocks",) + path, stacked)
     else:
         for i in range(config.depth):
             for suffix, path, layout in rows:
-                put(("blocks", i) + path, _to_flax(state[f"blocks.{i}.{suffix}"], layout), jnp.float32)
+                put(("blocks", i) + path, _to_flax(state[f"blocks.{i}.{suffix}"], layout))
     nnx.replace_by_pure_dict(abstract_state, pure)
     return nnx.merge(graphdef, abstract_state)
 
