@@ -12,8 +12,9 @@ Formats read:
   (recomputed from the config).
 - DINOv3 training checkpoints: ``{"teacher": {"backbone.*", "dino_head.*", "ibot_head.*"}}``.
 
-Files: ``.pth``/``.pt`` through ``torch.load(weights_only=True)`` (torch is optional, imported only
-here), ``.safetensors`` through the safetensors numpy API (no torch).
+Files: ``.pth``/``.pt``/``.bin`` through ``torch.load(weights_only=True)`` (torch is optional,
+imported only here), ``.safetensors`` through the safetensors numpy API, or its JAX reader for
+bfloat16 (no torch).
 
 Export writes Meta's key format to safetensors, with the ViTConfig as JSON metadata so a round
 trip restores execution settings too.
