@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from braindino_jax.models.config import COMPUTE_DTYPES, ModelConfigError
+from braindino_jax.ssl.normalize import l2_normalize
 
 _F32 = jnp.float32
 _trunc_normal = nnx.initializers.truncated_normal(stddev=0.02)
@@ -47,21 +48,6 @@ class HeadConfig:
     def layer_dims(self) -> list[int]:
         """Widths of the MLP: in_dim, hidden (nlayers - 1 times), bottleneck."""
         return [self.in_dim] + [self.hidden_dim] * (self.nlayers - 1) + [self.bottleneck_dim]
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """x / max(||x||, eps) in float32, as torch.nn.functional.normalize.
-
-    The vector is first divided by its largest magnitude so that the squared norm cannot
-    overflow (activations of 1e20 and more would give inf/inf otherwise), and the floor is taken
-    on the squared norm so that the gradient at x = 0 is finite (sqrt'(0) is not).
-    """
-    x = x.astype(_F32)
-    scale = jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=-1, keepdims=True))
-    scale = jnp.where(scale > 0, scale, 1.0)
-    y = x / scale
-    squared = jnp.sum(y * y, axis=-1, keepdims=True)
-    return y / jnp.sqrt(jnp.maximum(squared, (eps / scale) ** 2))
 
 
 class DINOHead(nnx.Module):
@@ -110,7 +96,7 @@ class DINOHead(nnx.Module):
                 x = layer(x)
                 if i < c.nlayers - 1:
                     x = jax.nn.gelu(x, approximate=False)
-            x = l2_normalize(x)
+            x = l2_normalize(x.astype(_F32))
         if no_last_layer:
             return x
         cdt = COMPUTE_DTYPES[c.dtype]

@@ -9,7 +9,8 @@ from flax import nnx
 from scipy.special import erf
 
 from braindino_jax.models.convert import head_to_torch, torch_to_head
-from braindino_jax.models.heads import DINOHead, HeadConfig, l2_normalize
+from braindino_jax.models.heads import DINOHead, HeadConfig
+from braindino_jax.ssl.normalize import l2_normalize
 
 CFG = HeadConfig(in_dim=24, out_dim=40, nlayers=3, hidden_dim=32, bottleneck_dim=16)
 
