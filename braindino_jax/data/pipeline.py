@@ -65,6 +65,10 @@ class PipelineConfig:
     mask_grid: tuple[int, int] | None = (14, 14)  # patch grid of a global crop; None = no masks
     mask_sample_probability: float = 0.5
     mask_ratio_range: tuple[float, float] = (0.1, 0.5)
+    # Consecutive groups of this process's batch whose masks are stratified on their own: one
+    # per local device, as DINOv3 collates per GPU. It bounds the masked patches per device,
+    # which lets the train step gather them without crossing devices.
+    mask_groups: int = 1
 
     def validate(self, process_count: int = 1) -> None:
         """Raise PipelineError naming the first bad field."""
@@ -89,6 +93,9 @@ class PipelineConfig:
         for field in ("num_workers", "read_threads"):
             if getattr(self, field) < 0:
                 fail(field, f"must be >= 0, got {getattr(self, field)}")
+        if self.mask_groups < 1 or (self.batch_size // process_count) % self.mask_groups:
+            fail("mask_groups", f"{self.mask_groups} must divide the per-process batch of "
+                 f"{self.batch_size // process_count}")
         if not 0 <= self.seed < 2**32:
             fail("seed", f"must be in [0, 2**32), got {self.seed}")
         if self.mask_grid is not None:
@@ -216,31 +223,42 @@ def _dataset(paths: Sequence[str], image_size: int, seed: int) -> grain.MapDatas
 
 
 class _AddMasks(grain.transforms.RandomMap):
-    """iBOT block masks for the two global crops of every sample of a batch."""
+    """iBOT block masks for the two global crops of every sample, stratified per group."""
 
-    def __init__(self, grid: tuple[int, int], probability: float, ratio_range: tuple[float, float]):
+    def __init__(self, grid: tuple[int, int], probability: float, ratio_range: tuple[float, float],
+                 groups: int = 1):
         self._grid = tuple(grid)
         self._probability = probability
         self._ratio_range = tuple(ratio_range)
+        self._groups = groups
 
     def random_map(self, batch: dict[str, np.ndarray], rng: np.random.Generator):
         b = batch["pixels"].shape[0]
-        masks = masking.sample_masks(rng, 2 * b, self._grid, self._probability, self._ratio_range)
-        return {**batch, "masks": masks.reshape(b, 2, -1)}
+        per_group = 2 * b // self._groups
+        masks = [masking.sample_masks(rng, per_group, self._grid, self._probability,
+                                      self._ratio_range) for _ in range(self._groups)]
+        return {**batch, "masks": np.concatenate(masks).reshape(b, 2, -1)}
 
 
 def mask_token_bound(config: PipelineConfig, process_count: int | None = None) -> int:
     """Static bound on the masked patches in one global batch (the iBOT gather size).
 
-    Each process stratifies the mask ratios over its own 2b global crops, so the bound is
-    P x `masking.max_masked_tokens(2b)`, slightly above the single-process bound for 2B.
+    Masks are stratified over each group's 2b/G global crops (G = ``mask_groups`` per process),
+    so the bound is P x G x ``masking.max_masked_tokens(2b/G)``, slightly above the bound for
+    one stratification over 2B; :func:`mask_group_bound` is one group's share.
     """
+    process_count = jax.process_count() if process_count is None else process_count
+    return process_count * config.mask_groups * mask_group_bound(config, process_count)
+
+
+def mask_group_bound(config: PipelineConfig, process_count: int | None = None) -> int:
+    """Static bound on the masked patches of one mask group (one device's global crops)."""
     if config.mask_grid is None:
         raise PipelineError("PipelineConfig.mask_grid: None, so the pipeline makes no masks")
     process_count = jax.process_count() if process_count is None else process_count
     config.validate(process_count)
-    local = 2 * config.batch_size // process_count
-    return process_count * masking.max_masked_tokens(
+    local = 2 * config.batch_size // process_count // config.mask_groups
+    return masking.max_masked_tokens(
         local, config.mask_grid, config.mask_sample_probability, config.mask_ratio_range)
 
 
@@ -273,7 +291,8 @@ def host_dataset(
     ds = ds.batch(config.batch_size // process_count, drop_remainder=True)
     if config.mask_grid is not None:
         ds = ds.random_map(
-            _AddMasks(config.mask_grid, config.mask_sample_probability, config.mask_ratio_range),
+            _AddMasks(config.mask_grid, config.mask_sample_probability, config.mask_ratio_range,
+                      config.mask_groups),
             seed=config.seed,
         )
     it_ds = ds.to_iter_dataset(grain.ReadOptions(

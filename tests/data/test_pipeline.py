@@ -212,3 +212,21 @@ def test_bad_inputs_name_the_file_or_field(shard_dir, tmp_path):
     config = _config(shard_dir, shards=(str(shard_dir / "a-*"), str(junk)), mask_grid=None)
     with pytest.raises(PipelineError, match=f"cannot open shard {re.escape(str(junk))}:"):
         host_dataset(config, 0, 1)
+
+
+def test_masks_stratified_per_group_stay_within_each_groups_bound(shard_dir):
+    """With mask_groups=G, each group of b/G samples (one device's share) is stratified alone,
+    so every group's masked count respects the per-group bound the train step's gather uses."""
+    from braindino_jax.data.pipeline import mask_group_bound
+
+    config = _config(shard_dir, mask_groups=4, mask_sample_probability=0.5)
+    bound = mask_group_bound(config, process_count=1)
+    assert bound == masking.max_masked_tokens(4, (8, 8))
+    assert mask_token_bound(config, process_count=1) == 4 * bound
+    for batch in _take(iter(host_dataset(config, 0, 1)), 12):
+        groups = batch["masks"].reshape(4, 2 * 2, 64)  # 4 groups of 2 samples x 2 crops
+        assert (groups.sum(axis=(1, 2)) <= bound).all()
+        # DINOv3's per-GPU rule: int(2b * p) masked crops in every group.
+        assert (groups.any(axis=2).sum(axis=1) == 2).all()
+    with pytest.raises(PipelineError, match="mask_groups"):
+        _config(shard_dir, mask_groups=3).validate(1)
