@@ -1,0 +1,1 @@
+"""Pretraining: configs, train state, sharding, optimizer and schedules, the step, checkpoints."""
