@@ -35,7 +35,7 @@ DEMO_INPUTS = "demo_inputs"
 DEMO_VOLUMES = 8
 _BYTE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 
-# Validated field -> the flag that sets it.
+# Validated field -> the flag that sets it (and, for PrepConfig, whose value it takes).
 FLAGS = {
     "PrepConfig.target_spacing": "--spacing",
     "PrepConfig.interpolation": "--interpolation",
@@ -238,22 +238,11 @@ def selection_from_args(args: argparse.Namespace) -> InputSelection:
 def options_from_args(args: argparse.Namespace) -> RunOptions:
     """Run options and preprocessing config from parsed flags (validated by the caller)."""
     kind, target = args.shard_size
+    config = {field.removeprefix("PrepConfig."): getattr(args, flag[2:].replace("-", "_"))
+              for field, flag in FLAGS.items() if field.startswith("PrepConfig.")}
     return RunOptions(
         out_dir=Path(args.out),
-        config=PrepConfig(
-            target_spacing=args.spacing,
-            interpolation=args.interpolation,
-            four_d_policy=args.four_d_policy,
-            mask_method=args.mask_method,
-            mask_percentile=args.mask_percentile,
-            clip_percentiles=args.clip_percentiles,
-            min_foreground_fraction=args.min_foreground_fraction,
-            n_slices=args.n_slices,
-            size=args.size,
-            margin=args.margin,
-            max_slice_upsampling=args.max_slice_upsampling,
-            min_extent_mm=args.min_extent_mm,
-        ),
+        config=PrepConfig(**config),
         selection=selection_from_args(args),
         workers=getattr(args, "workers", 1),
         shard_prefix=args.shard_prefix,
