@@ -135,7 +135,7 @@ def _montage_png(tiles: list[tuple[str, str, np.ndarray]]) -> bytes:
         for k, line in enumerate(_fit_label(draw, label, font, cell_w - 6)):
             draw.text((x + 3, y + TILE + 2 * FRAME + 2 + k * line_height), line, fill=255, font=font)
     buffer = io.BytesIO()
-    canvas.save(buffer, format="PNG")
+    canvas.save(buffer, format="PNG", compress_level=1)  # 2.6x faster than level 6, 16% larger
     return buffer.getvalue()
 
 
