@@ -10,8 +10,9 @@ or both. A brain fills about half its box, so about a third of the box is comput
 vectorised gathers per voxel.
 
 The values are scipy's ``order=1, mode="constant"`` ones: the same tap weights, and points
-outside the input's voxel centres [0, n - 1] read 0. Coordinates are float64 and sums float32,
-so they match scipy's double sums to float32 rounding.
+outside the input's voxel centres [0, n - 1] read 0. Block positions are float64, offsets within
+a block float32 (they resolve 1e-6 voxel) and sums float32, so the values match scipy's double
+sums to about 1e-6 relative, and the thresholded masks exactly but for ties within that.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ def resample_near_foreground(
     ``mapping`` (4x4) takes output-box indices to input indices; ``lo``/``hi`` (inclusive) bound
     the mask's True voxels; ``to_float32`` converts a region of ``source`` (e.g. stored integers
     with their scaling). ``zero_background``: the image is 0 exactly where the mask is False (a
-    "nonzero" mask), so only blocks near the foreground are computed, and the mask follows from
-    the image's taps; otherwise the image is computed over the whole box. Returns the float32
+    "nonzero" mask), so only blocks near the foreground are computed, and the mask is read from
+    the image's own taps (``mask`` is then not used); otherwise the image is computed over the
+    whole box. Returns the float32
     image and the mask (linear, thresholded at 0.5), equal to ``affine_transform(..., order=1,
     mode="constant")`` of each, on the part of the box (the returned slices of it) that holds
     every block computed, widened by ``pad`` voxels: outside it the mask is 0, and so is the
@@ -170,9 +172,9 @@ def _box_sums(integral: np.ndarray, c0: np.ndarray, c1: np.ndarray) -> np.ndarra
 class _Taps:
     """Flat tap indices and weights of a set of output points, applied to one or more arrays.
 
-    ``axes`` are the input axes the points fall between voxels on (an axis on which every
-    coordinate is an integer, like the slice axis of a grid that keeps the native slices, needs
-    no taps): 2^len(axes) taps per point.
+    ``fractions`` has an entry per input axis the points fall between voxels on: 2^len taps per
+    point (an axis on which every coordinate is an integer, like the slice axis of a grid that
+    keeps the native slices, needs none).
     """
 
     def __init__(self, base: np.ndarray, fractions: dict[int, np.ndarray], outside: np.ndarray | None,

@@ -87,9 +87,10 @@ class GridPlan:
 
     affine: np.ndarray
     shape: tuple[int, int, int]
-    mode: str  # "3d": the world lattice; "in-plane": native axial slices kept, resampled within
+    mode: str  # "3d": the world lattice; "in-plane": native axial slices kept, resampled within;
+    # "none": the input's own grid (already on target, or no target)
     slice_spacing: float  # mm between the input's axial slice planes
-    slice_upsampling: float  # slice_spacing / the output's axial spacing (1.0 in "in-plane")
+    slice_upsampling: float  # slice_spacing / the output's axial spacing (1.0 unless "3d")
 
     def describe(self) -> dict:
         """JSON-safe summary for a manifest row."""
@@ -110,8 +111,8 @@ def plan_grid(
     shape: tuple[int, int, int],
     target_spacing: tuple[float, float, float] | None,
     max_slice_upsampling: float | None = None,
-) -> GridPlan | None:
-    """The grid to resample a RAS+ volume onto, or None when it is already on target.
+) -> GridPlan:
+    """The grid to resample a RAS+ volume onto (mode "none": it is already on target).
 
     The through-plane axis is the one whose plane distance needs the largest upsampling to
     reach the target (the axial axis on ties). Within ``max_slice_upsampling``, the grid is the
@@ -119,14 +120,15 @@ def plan_grid(
     are kept (``native_slice_grid``); if it is not (thick sagittal or coronal slices), every
     axial slice would be an interpolation, and ThickSlicesError says so.
     """
-    if target_spacing is None:
-        return None
     distances = plane_distances(affine)
+    unchanged = GridPlan(affine, tuple(int(n) for n in shape), "none", float(distances[2]), 1.0)
+    if target_spacing is None:
+        return unchanged
     factors = distances / np.asarray(target_spacing, float)
     thick = 2 if factors[2] >= factors.max() else int(np.argmax(factors))
     if max_slice_upsampling is None or factors[thick] <= max_slice_upsampling * (1 + SPACING_RTOL):
         if not needs_resampling(affine, target_spacing):
-            return None
+            return unchanged
         grid_affine, grid_shape = target_grid(affine, shape, target_spacing)
         return GridPlan(grid_affine, grid_shape, "3d", float(distances[2]),
                         float(distances[2] / target_spacing[2]))
@@ -134,13 +136,13 @@ def plan_grid(
         raise ThickSlicesError(
             f"{'RAS'[thick]}-axis slices {distances[thick]:.2f} mm apart (thick {('sagittal', 'coronal')[thick]} "
             f"slices) would need {factors[thick]:.2f}x upsampling to make axial slices, above "
-            f"max_slice_upsampling {max_slice_upsampling:g}"
+            f"max_slice_upsampling {max_slice_upsampling:g} (--max-slice-upsampling)"
         )
     grid_affine, grid_shape = native_slice_grid(affine, shape, target_spacing[:2])
     if is_axis_aligned(affine) and np.allclose(
         voxel_spacing(affine)[:2], target_spacing[:2], rtol=SPACING_RTOL, atol=0.0
     ):
-        return None  # already on the in-plane target: the native grid is the input's own
+        return unchanged  # already on the in-plane target: the native grid is the input's own
     return GridPlan(grid_affine, grid_shape, "in-plane", float(distances[2]), 1.0)
 
 

@@ -57,7 +57,7 @@ class PreparedVolume:
     nan_count: int  # NaN/Inf voxels found (treated as background)
     slices_dropped: int  # axial slices not kept
     volume_index: int  # index within a 4D series (0 for 3D)
-    resampling: dict[str, Any] = dataclasses.field(default_factory=lambda: {"mode": "none"})  # GridPlan.describe
+    resampling: dict[str, Any]  # GridPlan.describe: what was done to reach the output grid
 
 
 def preprocess_volume(path: str | os.PathLike, config: PrepConfig) -> list[PreparedVolume]:
@@ -133,17 +133,18 @@ def _prepare_3d(
             if not data.any():
                 raise VolumeError(path, f"all voxels are zero{where}")
             raise VolumeError(path, f"no foreground voxels with mask_method={config.mask_method!r}{where}")
-    file_mask, (mask, affine) = mask, to_canonical(mask, loaded.affine)
+    file_mask = mask  # in the file's layout, which resampling reads fastest
+    mask, affine = to_canonical(file_mask, loaded.affine)
 
-    full_shape, origin, resampling = mask.shape, (0, 0, 0), {"mode": "none"}
+    full_shape, origin = mask.shape, (0, 0, 0)
     try:
         plan = plan_grid(affine, mask.shape, config.target_spacing, config.max_slice_upsampling)
     except ThickSlicesError as exc:
         raise VolumeSkipped(path, f"{exc}{where}") from exc
-    if plan is not None:
+    if plan.mode != "none":
         data, mask, box = _resample(loaded, data, unscaled, file_mask, plan, config)
         unscaled = False
-        affine, full_shape, origin, resampling = plan.affine, plan.shape, tuple(s.start for s in box), plan.describe()
+        affine, full_shape, origin = plan.affine, plan.shape, tuple(s.start for s in box)
         if not mask.any():
             raise VolumeError(path, f"foreground vanished when resampling to {config.target_spacing} mm{where}")
     else:
@@ -156,7 +157,7 @@ def _prepare_3d(
         raise VolumeSkipped(
             path,
             f"foreground spans only {extent[0]:.0f} x {extent[1]:.0f} mm in-plane, below min_extent_mm "
-            f"{config.min_extent_mm:g}: too small a field of view to be a brain{where}",
+            f"{config.min_extent_mm:g} (--min-extent-mm): too small a field of view to be a brain{where}",
         )
 
     # Fractions are of the whole axial plane of the (resampled) grid, indexed along its axis.
@@ -194,7 +195,7 @@ def _prepare_3d(
         nan_count=nan_count,
         slices_dropped=n_axial - int(np.unique(kept).size),
         volume_index=volume_index,
-        resampling=resampling,
+        resampling=plan.describe(),
     )
 
 
