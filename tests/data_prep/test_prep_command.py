@@ -40,22 +40,26 @@ def test_demo_shows_progress_removes_its_work_and_is_reproducible_elsewhere(tmp_
     assert [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
 
 
+def _ctrl_c_on_third_call(real):
+    """``real``, except that its third call raises KeyboardInterrupt, as Ctrl-C there would."""
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    return wrapped
+
+
 def test_an_interrupted_demo_leaves_nothing_and_stale_halves_are_cleared(tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     (out / ".demo_inputs.tmp-4242").mkdir(parents=True)  # left by a run that was killed
     (out / ".demo_inputs.tmp-4242" / "half.nii.gz").write_bytes(b"partial")
     import braindino_jax.preprocessing.phantom as phantom
 
-    real = phantom.write_phantom
-    calls = []
-
-    def interrupt_third(*args, **kwargs):
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(phantom, "write_phantom", interrupt_third)
+    monkeypatch.setattr(phantom, "write_phantom", _ctrl_c_on_third_call(phantom.write_phantom))
     assert prep.main(["--demo", "--out", str(out), "--no-progress"]) == 130
     err = capsys.readouterr().err
     assert err == "braindino-prep: interrupted; no volume had finished; re-run the same command to start again\n"
@@ -66,15 +70,7 @@ def test_the_interrupt_message_says_what_is_kept(tmp_path, monkeypatch, capsys):
     inputs = tmp_path / "in"
     for i in range(3):
         write_phantom(inputs / f"sub-0{i}_T1w.nii.gz", i, spacing=(4.0, 4.0, 4.0), skull_stripped=True)
-    real, calls = local_runner.process_cached, []
-
-    def interrupt_third(*args, **kwargs):
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(local_runner, "process_cached", interrupt_third)
+    monkeypatch.setattr(local_runner, "process_cached", _ctrl_c_on_third_call(local_runner.process_cached))
     out = tmp_path / "out"
     assert prep.main(["--root", str(inputs), "--out", str(out), "--no-progress", *SMALL]) == 130
     assert capsys.readouterr().err == (f"braindino-prep: interrupted; 2 finished volumes kept in {out / '_work'}; "
