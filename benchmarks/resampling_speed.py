@@ -1,17 +1,21 @@
-"""preprocess_volume wall time, this tree vs. a git revision, on phantoms that do and do not resample.
+"""preprocess_volume time, this tree vs. a git revision, on phantoms that do and do not resample.
 
-Prints JSON: best of ``--repeats`` seconds per volume (load included) for each variant, and
-whether the baseline and this tree keep the same slices. The baseline's ``braindino_jax`` is
-exported with ``git archive`` and run in a subprocess with it first on PYTHONPATH; this tree
-runs in a subprocess too, and the two alternate round by round in the same invocation.
+Prints JSON: best of ``--repeats`` CPU seconds per volume (load included; time.process_time,
+so that other jobs on a shared machine do not count) for each variant, the axial slices of the
+output grid and the slices kept, and whether the baseline and this tree keep the same slices.
+The baseline's ``braindino_jax`` is exported with ``git archive`` and run in a subprocess with
+it first on PYTHONPATH; this tree runs in a subprocess too, and the two alternate round by round
+in the same invocation. Config fields the baseline does not know (e.g. max_slice_upsampling)
+are dropped for it.
 
-    python benchmarks/resampling_speed.py --baseline 12bc927
+    python benchmarks/resampling_speed.py --baseline 763cad0
     python benchmarks/resampling_speed.py                     # this tree only
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -24,14 +28,20 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-# name: (source spacing mm, shape, phantom kwargs, PrepConfig kwargs)
+# name: (source spacing mm, shape, phantom kwargs, PrepConfig kwargs). "max_slice_upsampling":
+# None resamples thick slices in 3D as the baseline did; the *_native_slices cases use the default.
+_TO_1MM = {"target_spacing": (1.0, 1.0, 1.0), "max_slice_upsampling": None}
 CASES = {
     "1mm_256cube_no_resampling": ((1.0, 1.0, 1.0), (256, 256, 256), {}, {"target_spacing": (1.0, 1.0, 1.0)}),
-    "1.2x1.2x3mm_to_1mm_linear": ((1.2, 1.2, 3.0), (213, 213, 85), {}, {"target_spacing": (1.0, 1.0, 1.0)}),
-    "1.2x1.2x3mm_to_1mm_cubic": (
-        (1.2, 1.2, 3.0), (213, 213, 85), {}, {"target_spacing": (1.0, 1.0, 1.0), "interpolation": "cubic"}
-    ),
-    "1.5mm_oblique10_to_1mm": ((1.5, 1.5, 1.5), None, {"oblique_deg": 10.0}, {"target_spacing": (1.0, 1.0, 1.0)}),
+    "1mm_256cube_oblique_5deg": ((1.0, 1.0, 1.0), (256, 256, 256), {"oblique_deg": 5.0}, _TO_1MM),
+    "1mm_256cube_oblique_15deg": ((1.0, 1.0, 1.0), (256, 256, 256), {"oblique_deg": 15.0}, _TO_1MM),
+    "1.2x1.2x3mm_to_1mm_linear": ((1.2, 1.2, 3.0), (213, 213, 85), {}, _TO_1MM),
+    "1.2x1.2x3mm_to_1mm_cubic": ((1.2, 1.2, 3.0), (213, 213, 85), {}, {**_TO_1MM, "interpolation": "cubic"}),
+    "1.2x1.2x3mm_oblique_8deg_to_1mm": ((1.2, 1.2, 3.0), (213, 213, 85), {"oblique_deg": 8.0}, _TO_1MM),
+    "1.2x1.2x3mm_oblique_8deg_native_slices": ((1.2, 1.2, 3.0), (213, 213, 85), {"oblique_deg": 8.0}, {}),
+    "1.5mm_oblique10_to_1mm": ((1.5, 1.5, 1.5), None, {"oblique_deg": 10.0}, _TO_1MM),
+    # A clinical thick FLAIR: 10 slices 5.3 mm apart (53 mm), 0.9 mm in-plane, tilted 20 degrees.
+    "10_slices_5.3mm_oblique_20deg_native_slices": ((0.9, 0.9, 5.3), (256, 256, 10), {"oblique_deg": 20.0}, {}),
 }
 
 
@@ -41,13 +51,18 @@ def _worker(inputs: Path, out: Path) -> None:
     from braindino_jax.preprocessing.config import PrepConfig
     from braindino_jax.preprocessing.volume import preprocess_volume
 
+    known = {f.name for f in dataclasses.fields(PrepConfig)}
+
+    def config(kwargs: dict) -> PrepConfig:
+        return PrepConfig(**{k: v for k, v in kwargs.items() if k in known})
+
     warm_up = "1.2x1.2x3mm_to_1mm_linear"
-    preprocess_volume(inputs / f"{warm_up}.nii.gz", PrepConfig(**CASES[warm_up][3]))
+    preprocess_volume(inputs / f"{warm_up}.nii.gz", config(CASES[warm_up][3]))
     timings = {"module": preprocess_volume.__code__.co_filename}
     for name, (_, _, _, config_kwargs) in CASES.items():
-        start = time.perf_counter()
-        (result,) = preprocess_volume(inputs / f"{name}.nii.gz", PrepConfig(**config_kwargs))
-        timings[name] = time.perf_counter() - start
+        start = time.process_time()
+        (result,) = preprocess_volume(inputs / f"{name}.nii.gz", config(config_kwargs))
+        timings[name] = time.process_time() - start
         np.savez(out / f"{name}.npz", slices=result.slices, indices=result.slice_indices,
                  moments=[result.fg_mean, result.fg_std, result.n_slices])
     (out / "timings.json").write_text(json.dumps(timings))
@@ -96,7 +111,12 @@ def main() -> None:
                 modules[variant] = timings.pop("module")
                 for name, t in timings.items():
                     best[variant][name] = min(t, best[variant].get(name, np.inf))
-        results = {name: {"current_s": round(t, 4)} for name, t in best["current"].items()}
+        def slices(variant: str, name: str) -> dict:
+            arrays = np.load(root / variant / f"{name}.npz")
+            return {"grid_axial_slices": int(arrays["moments"][2]), "kept_slices": int(len(arrays["indices"]))}
+
+        results = {name: {"current_s": round(t, 4), "current": slices("current", name)}
+                   for name, t in best["current"].items()}
         if args.baseline:
             baseline = best["baseline"]
             for name, row in results.items():
@@ -105,6 +125,7 @@ def main() -> None:
                 diff = np.abs(a["slices"].astype(int) - b["slices"].astype(int)) if same_shape else None
                 row.update({
                     "baseline_s": round(baseline[name], 4),
+                    "baseline": slices("baseline", name),
                     "speedup": round(baseline[name] / row["current_s"], 2),
                     "same_slice_indices_and_n_slices": bool(
                         np.array_equal(a["indices"], b["indices"]) and a["moments"][2] == b["moments"][2]

@@ -29,7 +29,6 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from braindino_jax.cli.prep import build_parser, inputs_from_args, options_from_args
 from braindino_jax.data import manifest, records, shards
 from braindino_jax.data.atomic_file import temp_name
 from braindino_jax.data.dataset_card import build_card, encode_card
@@ -37,6 +36,7 @@ from braindino_jax.data.inputs import InputError, InputVolume, is_url
 from braindino_jax.data.qc_montage import QcSampler
 from braindino_jax.preprocessing.errors import ConfigError
 from data_prep.local_runner import DATASET_CARD, MANIFEST, QC_DIR, RunOptions, plan_tasks
+from data_prep.options import build_parser, flag_error, inputs_from_args, options_from_args
 from data_prep.summary import RunSummary
 from data_prep.volume_task import VolumeResult, base_row, prepare_volume
 
@@ -153,7 +153,7 @@ def build_pipeline(
     pattern = FileSystems.join(out, f"{options.shard_prefix}-*-of-*{shards.SHARD_SUFFIX}")
     if FileSystems.match([pattern])[0].metadata_list:
         raise InputError(f"{out} already holds {options.shard_prefix} shards; give the Beam job a fresh --out")
-    tasks, skipped = plan_tasks(volumes, exclusions or set())
+    tasks, skipped = plan_tasks(volumes, exclusions or set(), options.selection)
 
     results = (
         pipeline
@@ -188,17 +188,29 @@ def build_pipeline(
     )
 
 
+PROG = "python -m data_prep.beam_pipeline"
+EPILOG = """Every other flag is an Apache Beam pipeline option and goes to the runner as it is:
+--runner (DirectRunner, DataflowRunner, FlinkRunner, SparkRunner), --project, --region,
+--temp_location, --setup_file, --num_workers and the rest of apache_beam.options.pipeline_options
+(https://beam.apache.org/releases/pydoc/current/apache_beam.options.pipeline_options.html).
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
-    """The `braindino-prep` flags (minus --workers), plus any Beam pipeline options."""
-    args, beam_args = build_parser().parse_known_args(argv)
+    """The `braindino-prep` flags but the local runner's own (--workers, --keep-work,
+    --no-progress), plus any Beam pipeline options."""
+    args, beam_args = build_parser(PROG, local=False, epilog=EPILOG).parse_known_args(argv)
     options = options_from_args(args)
     start = time.perf_counter()
     try:
         volumes, exclusions = inputs_from_args(args)
         with beam.Pipeline(options=PipelineOptions(beam_args)) as pipeline:
             build_pipeline(pipeline, volumes, options, args.out, exclusions)
-    except (ConfigError, InputError) as exc:
-        print(f"beam_pipeline: error: {exc}", file=sys.stderr)
+    except ConfigError as exc:
+        print(f"{PROG}: error: {flag_error(exc)}", file=sys.stderr)
+        return 2
+    except InputError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     with FileSystems.open(FileSystems.join(args.out, MANIFEST)) as f:
         rows = manifest.decode_manifest(f.read(), FileSystems.join(args.out, MANIFEST))
@@ -212,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         qc_paths=sorted(m.path for m in qc),
         seconds=time.perf_counter() - start,
     )
-    print(summary.format())
+    print(summary.format(options.max_failure_fraction))
     return summary.exit_code(options.max_failure_fraction)
 
 

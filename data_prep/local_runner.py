@@ -9,6 +9,10 @@ so a run that was killed and resumed writes exactly the shards an uninterrupted 
 Each shard is one finalise task: it reads its records by index from the work files (the shard
 rule in `shards` says which) and copies their bytes as they are, so finalising scales with the
 workers instead of capping the pool at one process's speed.
+
+After a successful run the work folder is removed (it is about 1.5 times the size of the
+shards), unless `keep_work` asks to keep it for incremental runs over a growing corpus. Temp
+files an interrupted run left (`.<name>.tmp-<pid>`) are removed when the next run starts.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -29,7 +34,7 @@ from tqdm import tqdm
 from braindino_jax.data import manifest, records, shards
 from braindino_jax.data.atomic_file import write_atomic
 from braindino_jax.data.dataset_card import build_card, encode_card
-from braindino_jax.data.inputs import InputVolume, find_duplicates, is_excluded
+from braindino_jax.data.inputs import InputSelection, InputVolume, find_duplicates, is_excluded
 from braindino_jax.data.qc_montage import QcSampler
 from braindino_jax.preprocessing.config import PrepConfig
 from braindino_jax.preprocessing.errors import ConfigError
@@ -48,6 +53,7 @@ class RunOptions:
 
     out_dir: Path
     config: PrepConfig = PrepConfig()
+    selection: InputSelection = InputSelection()
     workers: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
     shard_prefix: str = "slices"
     target_shard_records: int | None = None
@@ -57,32 +63,38 @@ class RunOptions:
     qc_worst: int = 16
     seed: int = 0
     progress: bool = True
-    clean_work: bool = False
+    keep_work: bool = False
 
     def validate(self) -> None:
         self.config.validate()
         if not isinstance(self.workers, int) or self.workers < 1:
-            raise ConfigError(f"workers: expected an integer >= 1, got {self.workers!r}")
+            raise ConfigError("workers", f"expected an integer >= 1, got {self.workers!r}")
         if not self.shard_prefix or any(c in self.shard_prefix for c in "/\\ "):
-            raise ConfigError(f"shard_prefix: expected a plain file-name prefix, got {self.shard_prefix!r}")
+            raise ConfigError("shard_prefix", f"expected a plain file-name prefix, got {self.shard_prefix!r}")
         if (self.target_shard_records is None) == (self.target_shard_bytes is None):
-            raise ConfigError("target_shard_records / target_shard_bytes: give exactly one shard-size target")
+            raise ConfigError("target_shard_records", "give exactly one shard-size target (records or bytes)")
         for name in ("target_shard_records", "target_shard_bytes"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
-                raise ConfigError(f"{name}: expected an integer >= 1, got {value!r}")
+                raise ConfigError(name, f"expected a size >= 1, got {value!r}")
         if not 0.0 <= self.max_failure_fraction <= 1.0:
-            raise ConfigError(f"max_failure_fraction: expected a number in [0, 1], got {self.max_failure_fraction!r}")
+            raise ConfigError("max_failure_fraction", f"expected a number in [0, 1], got {self.max_failure_fraction!r}")
         for name in ("qc_per_dataset", "qc_worst"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"{name}: expected an integer >= 0, got {getattr(self, name)!r}")
+                raise ConfigError(name, f"expected an integer >= 0, got {getattr(self, name)!r}")
 
 
-def plan_tasks(volumes: Sequence[InputVolume], exclusions: set[str]) -> tuple[list[tuple[int, InputVolume]], list[dict]]:
-    """Split the listing into (index, volume) tasks and rows for duplicates and excluded subjects."""
+def plan_tasks(
+    volumes: Sequence[InputVolume], exclusions: set[str], selection: InputSelection = InputSelection()
+) -> tuple[list[tuple[int, InputVolume]], list[dict]]:
+    """Split the listing into (index, volume) tasks and rows for the files the selection skips,
+    duplicates and excluded subjects."""
     tasks, skipped = [], []
     for index, (volume, first) in enumerate(zip(volumes, find_duplicates(volumes))):
-        if first is not None:
+        reason = selection.skip_reason(volume)
+        if reason is not None:
+            skipped.append(base_row(index, volume, manifest.SKIPPED, reason))
+        elif first is not None:
             skipped.append(base_row(index, volume, manifest.DUPLICATE, f"same file as {first}, processed once"))
         elif is_excluded(volume, exclusions):
             skipped.append(base_row(index, volume, manifest.EXCLUDED, "subject is in the exclusion list"))
@@ -232,16 +244,23 @@ def write_shard(
                 sampler.observe(f"{key}/{j}", records.decode(record_bytes))
                 yield record_bytes
 
-    return shards.write_array_record(temp, records_in_order()), sampler
+    # `temp` is already the ShardSet's temp name: written in place, renamed by its commit.
+    return shards.write_array_record(temp, records_in_order(), atomic=False), sampler
 
 
-def _map_ordered(pool: WorkerPool | None, fn, arg_lists: list[tuple]) -> list:
-    """`[fn(*args) for args in arg_lists]`, on the pool when there is one."""
+def _map_ordered(pool: WorkerPool | None, fn, arg_lists: list[tuple], bar: tqdm) -> list:
+    """`[fn(*args) for args in arg_lists]`, on the pool when there is one; `bar` counts them."""
     if pool is None:
-        return [fn(*args) for args in arg_lists]
+        out = []
+        for args in arg_lists:
+            out.append(fn(*args))
+            bar.update()
+        return out
     executor = pool.get()
     try:
         futures = [executor.submit(fn, *args) for args in arg_lists]
+        for _ in cf.as_completed(futures):
+            bar.update()
         return [f.result() for f in futures]
     except BaseException:
         pool.discard()  # cancel the queued tasks and let running ones finish before cleanup
@@ -272,9 +291,10 @@ def finalise(
         plan = {"keys": [r["key"] for r in ok], "paths": [r["path"] for r in ok], "counts": counts}
         write_atomic(plan_file, json.dumps(plan).encode())
         qc = (options.qc_per_dataset, options.qc_worst, options.seed)
-        with shards.ShardSet(out_dir, options.shard_prefix, n_shards) as shard_set:
+        bar = tqdm(total=n_shards, unit="shard", desc="writing shards", disable=not options.progress)
+        with bar, shards.ShardSet(out_dir, options.shard_prefix, n_shards) as shard_set:
             tasks = [(temp, s, n_shards, plan_file, qc) for s, temp in enumerate(shard_set.temps)]
-            written = _map_ordered(pool, write_shard, tasks)
+            written = _map_ordered(pool, write_shard, tasks, bar)
             shard_paths = shard_set.commit()
         shard_counts = [n for n, _ in written]
         for _, part in written:
@@ -293,6 +313,31 @@ def finalise(
     return {"shards": shard_paths, "qc": qc_paths, "rows": rows}
 
 
+_TEMP_NAME = re.compile(r"\..+(\.tmp-\d+)+")  # atomic_file.temp_name, possibly nested by older versions
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete the temp files and folders (`.<name>.tmp-<pid>`) that interrupted runs left in
+    `folder`; returns what was removed."""
+    removed = []
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if _TEMP_NAME.fullmatch(path.name):
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+                removed.append(path)
+    return removed
+
+
+def finished_volumes(out_dir: str | os.PathLike) -> int:
+    """Volumes whose results are kept in `out_dir`'s work folder (a re-run reuses them)."""
+    work_dir = Path(out_dir) / WORK_DIR
+    return sum(1 for p in work_dir.glob("*.json") if not p.name.startswith("_")) if work_dir.is_dir() else 0
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
 def run_local(
     volumes: Sequence[InputVolume],
     options: RunOptions,
@@ -303,7 +348,9 @@ def run_local(
     start = time.perf_counter()
     work_dir = Path(options.out_dir) / WORK_DIR
     work_dir.mkdir(parents=True, exist_ok=True)
-    tasks, skipped = plan_tasks(volumes, exclusions or set())
+    for folder in (Path(options.out_dir), work_dir):
+        remove_stale_temps(folder)
+    tasks, skipped = plan_tasks(volumes, exclusions or set(), options.selection)
     pool = WorkerPool(options.workers) if options.workers > 1 else None
     try:
         rows = skipped + _process_all(tasks, options, work_dir, pool)
@@ -311,9 +358,7 @@ def run_local(
     finally:
         if pool is not None:
             pool.discard()
-    if options.clean_work:
-        shutil.rmtree(work_dir)
-    return RunSummary.from_rows(
+    summary = RunSummary.from_rows(
         result["rows"],
         out_dir=Path(options.out_dir),
         shard_paths=result["shards"],
@@ -321,3 +366,12 @@ def run_local(
         qc_paths=result["qc"],
         seconds=time.perf_counter() - start,
     )
+    succeeded = summary.exit_code(options.max_failure_fraction) == 0
+    work_bytes = _folder_bytes(work_dir)
+    if succeeded and not options.keep_work:
+        shutil.rmtree(work_dir)
+        summary.work = f"removed {work_dir} ({work_bytes / 1e6:.1f} MB; --keep-work keeps it for incremental runs)"
+    else:
+        why = "--keep-work" if succeeded else "the run failed: a re-run reuses the finished volumes"
+        summary.work = f"kept {work_dir} ({work_bytes / 1e6:.1f} MB; {why})"
+    return summary

@@ -1,7 +1,8 @@
 """The per-volume step both runners share: one input file → encoded slice records + manifest row.
 
-It never raises for a bad volume: the failure becomes a manifest row with a reason, so a batch
-job goes on and loses nothing that was good.
+It never raises for a bad volume: the failure becomes a manifest row with a reason ("failed"),
+and an input the config leaves out becomes a "skipped" row with its reason, so a batch job goes
+on and loses nothing that was good.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 from braindino_jax.data import manifest, records
 from braindino_jax.data.inputs import InputVolume, is_url
 from braindino_jax.preprocessing.config import PrepConfig
-from braindino_jax.preprocessing.errors import VolumeError
+from braindino_jax.preprocessing.errors import VolumeError, VolumeSkipped
 from braindino_jax.preprocessing.volume import preprocess_series
 
 
@@ -43,6 +44,7 @@ def base_row(index: int, volume: InputVolume, status: str, reason: str | None = 
     return {
         "index": index,
         "path": volume.path,
+        "source_path": volume.source,  # what the records store
         "dataset": volume.dataset,
         "subject": volume.subject,
         "session": volume.session,
@@ -54,6 +56,7 @@ def base_row(index: int, volume: InputVolume, status: str, reason: str | None = 
         "shape": None,
         "spacing": None,
         "orientation": None,
+        "resampling": None,
         "volumes": 0,
         "slices_kept": 0,
         "slices_dropped": 0,
@@ -105,6 +108,8 @@ def prepare_volume(
     t = time.perf_counter()
     try:
         prepared, series_failures = preprocess_series(read_path, config)
+    except VolumeSkipped as exc:
+        return _failed(row, exc.reason, start, manifest.SKIPPED)
     except VolumeError as exc:
         return _failed(row, exc.reason, start)  # the row already names the file
     except Exception as exc:  # a bug or an unforeseen file must not stop the whole job
@@ -123,6 +128,7 @@ def prepare_volume(
         shape=list(first.source_shape),
         spacing=[float(s) for s in first.source_spacing],
         orientation=first.orientation,
+        resampling=first.resampling,
         volumes=len(prepared),
         slices_kept=len(encoded),
         slices_dropped=sum(v.slices_dropped for v in prepared),
@@ -152,7 +158,7 @@ def _encode(volume: InputVolume, prepared: list) -> list[bytes]:
                 subject=volume.subject,
                 session=volume.session,
                 modality=volume.modality,
-                source_path=volume.path,
+                source_path=volume.source,
                 slice_index=int(slice_index),
                 n_slices=vol.n_slices,
                 spacing=vol.spacing,
@@ -164,8 +170,8 @@ def _encode(volume: InputVolume, prepared: list) -> list[bytes]:
     return encoded
 
 
-def _failed(row: dict[str, Any], reason: str, start: float) -> VolumeResult:
-    row["status"] = manifest.FAILED
+def _failed(row: dict[str, Any], reason: str, start: float, status: str = manifest.FAILED) -> VolumeResult:
+    row["status"] = status
     row["reason"] = reason
     row["timings"]["total_s"] = time.perf_counter() - start
     return VolumeResult(row, [])

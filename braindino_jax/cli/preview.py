@@ -9,21 +9,24 @@ from __future__ import annotations
 import argparse
 import sys
 
+import braindino_jax
 from braindino_jax.data.augment import AugmentConfig
 from braindino_jax.data.preview import preview_shards
+from data_prep.options import HelpFormatter
 
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = AugmentConfig()
-    parser = argparse.ArgumentParser(prog="braindino-preview", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="braindino-preview", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {braindino_jax.__version__}")
     parser.add_argument("shards", nargs="+", help="ArrayRecord shard paths or globs")
     parser.add_argument("--out", required=True, help="PNG file to write")
     parser.add_argument("--samples", type=int, default=4, help="slices (rows) to show")
     parser.add_argument("--seed", type=int, default=0, help="shuffle and augmentation seed")
-    parser.add_argument("--global-size", type=int, default=defaults.global_size)
-    parser.add_argument("--local-size", type=int, default=defaults.local_size)
-    parser.add_argument("--n-local", type=int, default=defaults.n_local)
-    parser.add_argument("--patch-size", type=int, default=16, help="ViT patch size (mask grid)")
+    parser.add_argument("--global-size", type=int, default=defaults.global_size, help="global crop size (pixels)")
+    parser.add_argument("--local-size", type=int, default=defaults.local_size, help="local crop size (pixels)")
+    parser.add_argument("--n-local", type=int, default=defaults.n_local, help="local crops per slice")
+    parser.add_argument("--patch-size", type=int, default=16, help="ViT patch size (the iBOT mask grid)")
     return parser
 
 

@@ -4,15 +4,23 @@ Inputs come from roots searched with glob patterns, or from a CSV listing them. 
 subject, session and modality come from the CSV, else from BIDS-style names
 (`sub-01_ses-1_T1w.nii.gz`, or `sub-*`/`ses-*` folders), else from defaults. The same file
 listed twice is read once; subjects in an exclusion list never reach the shards, so that
-evaluation subjects cannot leak into pretraining.
+evaluation subjects cannot leak into pretraining. An `InputSelection` skips what is not an
+image to pretrain on (BIDS `derivatives/` folders, label images such as `_dseg` and `_mask`),
+files matching `--exclude` globs and modalities not asked for; skipped files stay listed.
+
+Each volume also carries its path relative to its root (the `--root` folder, or the CSV's
+folder), which is what records store (`<dataset>/<relative path>`): shards made from the same
+files are then the same bytes wherever the files or the output live.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import fnmatch
 import io
 import os
+import posixpath
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +28,8 @@ from pathlib import Path
 DEFAULT_PATTERNS = ("**/*.nii.gz", "**/*.nii", "**/*.hdr")
 VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".hdr", ".img")
 CSV_COLUMNS = ("path", "dataset", "subject", "session", "modality")
+# File-name suffixes of label images (BIDS derivatives: dseg, probseg, mask; BraTS: seg).
+LABEL_SUFFIXES = ("dseg", "probseg", "mask", "label", "labels", "seg", "roi")
 
 
 class InputError(ValueError):
@@ -30,11 +40,48 @@ class InputError(ValueError):
 class InputVolume:
     """One input file and the metadata its slices will carry."""
 
-    path: str
+    path: str  # absolute path or URL, as read (and as the manifest lists it)
     dataset: str
     subject: str
     session: str
     modality: str
+    relative_path: str = ""  # POSIX path under its root; "" means just the file name
+
+    @property
+    def source(self) -> str:
+        """`<dataset>/<path relative to its root>`: the `source_path` its records store."""
+        return f"{self.dataset}/{self.relative_path or posixpath.basename(self.path.replace(os.sep, '/'))}"
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSelection:
+    """Which listed files to prepare; the others are kept in the manifest as skipped.
+
+    `exclude`: fnmatch globs over the path relative to its root (`*` also matches `/`) and over
+    the file name. `modalities`: keep only these (case-insensitive; empty = all).
+    """
+
+    exclude: tuple[str, ...] = ()
+    modalities: tuple[str, ...] = ()
+    include_derivatives: bool = False
+    include_labels: bool = False
+
+    def skip_reason(self, volume: InputVolume) -> str | None:
+        """Why `volume` is skipped, or None when it is to be prepared."""
+        relative = volume.relative_path or posixpath.basename(volume.path)
+        name = posixpath.basename(relative)
+        if not self.include_derivatives and "derivatives" in relative.split("/")[:-1]:
+            return "in a BIDS derivatives/ folder: derived data, not an acquired image (--include-derivatives keeps it)"
+        suffix = strip_volume_extension(name).rsplit("_", 1)[-1].lower()
+        if not self.include_labels and suffix in LABEL_SUFFIXES:
+            return f"a label image (file-name suffix _{suffix}), not an MR image (--include-labels keeps it)"
+        for glob in self.exclude:
+            if fnmatch.fnmatchcase(relative, glob) or fnmatch.fnmatchcase(name, glob):
+                return f"matches --exclude {glob!r}"
+        wanted = {m.lower() for m in self.modalities}
+        if wanted and volume.modality.lower() not in wanted:
+            return f"modality {volume.modality!r} is not one of --modality {', '.join(self.modalities)}"
+        return None
 
 
 def is_url(path: str) -> bool:
@@ -79,7 +126,9 @@ def parse_bids_name(path: str | os.PathLike) -> dict[str, str]:
     return found
 
 
-def _metadata(path: str, dataset: str, default_modality: str, given: dict[str, str]) -> InputVolume:
+def _metadata(
+    path: str, dataset: str, default_modality: str, given: dict[str, str], relative_path: str
+) -> InputVolume:
     bids = parse_bids_name(path)
     return InputVolume(
         path=path if is_url(path) else os.path.abspath(path),
@@ -87,6 +136,7 @@ def _metadata(path: str, dataset: str, default_modality: str, given: dict[str, s
         subject=given.get("subject") or bids.get("subject") or strip_volume_extension(Path(path).name),
         session=given.get("session") or bids.get("session", ""),
         modality=given.get("modality") or bids.get("modality", default_modality),
+        relative_path=relative_path,
     )
 
 
@@ -110,10 +160,11 @@ def discover(
         dataset, root = parse_root(spec)
         if not root.is_dir():
             raise InputError(f"input root {root}: not a directory")
-        matches: set[str] = set()
+        matches: set[Path] = set()
         for pattern in patterns:
-            matches.update(str(p) for p in root.glob(pattern) if p.is_file() or p.is_symlink())
-        volumes.extend(_metadata(p, dataset, default_modality, {}) for p in sorted(matches))
+            matches.update(p for p in root.glob(pattern) if p.is_file() or p.is_symlink())
+        volumes.extend(_metadata(str(p), dataset, default_modality, {}, p.relative_to(root).as_posix())
+                       for p in sorted(matches))
     if not volumes:
         raise InputError(
             f"no input volumes found under {', '.join(roots)} matching {', '.join(patterns)}"
@@ -140,7 +191,9 @@ def read_csv(csv_path: str | os.PathLike, default_modality: str = "unknown") -> 
     The CSV may be a URL (`gs://bucket/volumes.csv`, read through Apache Beam's file systems),
     as a Beam job's listing usually is; its relative paths then become URLs beside it. Optional
     columns `dataset`, `subject`, `session`, `modality` override what the file name says; the
-    dataset defaults to the CSV's file name.
+    dataset defaults to the CSV's file name. A volume's path relative to its root (see the
+    module docstring) is the path as the CSV gives it when relative, else relative to the CSV's
+    folder when inside it, else relative to the deepest folder common to the others.
     """
     location = os.fspath(csv_path)
     remote = is_url(location)
@@ -157,7 +210,7 @@ def read_csv(csv_path: str | os.PathLike, default_modality: str = "unknown") -> 
     unknown = sorted(set(header) - set(CSV_COLUMNS))
     if unknown:
         raise InputError(f"{location}: unknown CSV columns {unknown} (known: {list(CSV_COLUMNS)})")
-    volumes = []
+    entries = []
     for line, row in enumerate(rows, start=2):
         raw = (row.get("path") or "").strip()
         if not raw:
@@ -166,11 +219,33 @@ def read_csv(csv_path: str | os.PathLike, default_modality: str = "unknown") -> 
             path = raw
         else:
             path = f"{folder}/{raw}" if remote else str(Path(location).parent / raw)
-        given = {k: (row.get(k) or "").strip() for k in CSV_COLUMNS[1:]}
-        volumes.append(_metadata(path, Path(name).stem, default_modality, given))
-    if not volumes:
+        entries.append((raw, path, {k: (row.get(k) or "").strip() for k in CSV_COLUMNS[1:]}))
+    if not entries:
         raise InputError(f"{location}: the input CSV lists no volumes")
-    return volumes
+    csv_folder = folder if remote else os.path.dirname(os.path.abspath(location))
+    relative = _relative_paths([raw for raw, _, _ in entries], csv_folder)
+    return [_metadata(path, Path(name).stem, default_modality, given, rel)
+            for (_, path, given), rel in zip(entries, relative)]
+
+
+def _relative_paths(listed: list[str], folder: str) -> list[str]:
+    """POSIX paths relative to the CSV's folder (see read_csv) for the paths as a CSV lists them."""
+    def posix(p: str) -> str:
+        return re.sub(r"^[a-z][a-z0-9+.-]*://", "/", p).replace(os.sep, "/")
+
+    base = posixpath.normpath(posix(folder))
+    absolute = [posixpath.normpath(posix(p)) for p in listed if os.path.isabs(p) or is_url(p)]
+    outside = [p for p in absolute if not p.startswith(base.rstrip("/") + "/")]
+    common = posixpath.dirname(posixpath.commonpath(outside)) if len(outside) == 1 else (
+        posixpath.commonpath(outside) if outside else base)
+    out = []
+    for p in listed:
+        if not (os.path.isabs(p) or is_url(p)):
+            out.append(posixpath.normpath(posix(p)))
+            continue
+        p = posixpath.normpath(posix(p))
+        out.append(posixpath.relpath(p, base if p.startswith(base.rstrip("/") + "/") else common))
+    return out
 
 
 def find_duplicates(volumes: Sequence[InputVolume]) -> list[str | None]:

@@ -1,7 +1,11 @@
 """`manifest.jsonl`: one JSON row per input volume, including the ones that failed and why.
 
 Rows are written in input order, so two runs over the same inputs give the same manifest
-apart from timings.
+apart from timings. Statuses: "ok"; "failed" (a bad file, with the reason: these count toward
+`--max-failure-fraction`); "skipped" (left out on purpose: a label image, a derivatives/ file,
+an --exclude or --modality miss, a 4D file under `--four-d-policy skip`, a field of view too
+small to be a brain, thick non-axial slices; with the reason); "skipped-excluded" (an excluded
+subject) and "skipped-duplicate" (the same file listed twice). Only "failed" is a failure.
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ from typing import Any
 
 OK = "ok"
 FAILED = "failed"
+SKIPPED = "skipped"
 EXCLUDED = "skipped-excluded"
 DUPLICATE = "skipped-duplicate"
-STATUSES = (OK, FAILED, EXCLUDED, DUPLICATE)
+STATUSES = (OK, FAILED, SKIPPED, EXCLUDED, DUPLICATE)
 
 
 def encode_manifest(rows: Iterable[dict[str, Any]]) -> bytes:

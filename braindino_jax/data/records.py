@@ -3,6 +3,10 @@
 Records are msgpack maps (typed, no pickle): the pixels travel as raw uint8 bytes with
 their shape, the metadata as plain scalars. `decode(encode(r)) == r` holds exactly, and
 `decode` refuses bytes it does not understand instead of guessing.
+
+Schema 2: `source_path` is `<dataset>/<path relative to the dataset's root>` (schema 1 stored
+the absolute path, so shards depended on where the files were). The absolute path is in the
+manifest only.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import math
 import msgpack
 import numpy as np
 
-SCHEMA_VERSION: int = 1
+SCHEMA_VERSION: int = 2
 
 _STR_FIELDS = ("dataset", "subject", "session", "modality", "source_path")
 _INT_FIELDS = ("slice_index", "n_slices", "volume_index")
@@ -39,7 +43,7 @@ class SliceRecord:
     subject: str
     session: str
     modality: str
-    source_path: str
+    source_path: str  # <dataset>/<path relative to its root>
     slice_index: int
     n_slices: int
     spacing: tuple[float, float, float]
@@ -114,7 +118,8 @@ def decode(data: bytes) -> SliceRecord:
     version = payload.get("schema_version")
     if version != SCHEMA_VERSION:
         raise RecordError(
-            f"record schema_version {version!r} is not supported (this code reads {SCHEMA_VERSION})"
+            f"record schema_version {version!r} is not supported (this code reads {SCHEMA_VERSION}); "
+            "prepare the shards again with this version of braindino-prep"
         )
     missing = _PAYLOAD_KEYS - payload.keys()
     if missing:

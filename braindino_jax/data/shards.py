@@ -87,10 +87,14 @@ def shard_members(shard: int, n_shards: int, counts: Sequence[int]) -> list[tupl
     return [(int(v[0]), j) for v, j in zip(np.split(volumes, cuts), np.split(indices, cuts)) if v.size]
 
 
-def write_array_record(path: str | os.PathLike, records: Iterable[bytes], options: str = WRITER_OPTIONS) -> int:
-    """Write one ArrayRecord file atomically; returns the number of records written."""
+def write_array_record(
+    path: str | os.PathLike, records: Iterable[bytes], options: str = WRITER_OPTIONS, atomic: bool = True
+) -> int:
+    """Write one ArrayRecord file atomically (or in place when ``path`` already is a temp name,
+    e.g. a ShardSet's, so that no second temp is left if the process dies); returns the number
+    of records written."""
     path = Path(path)
-    tmp = path.with_name(temp_name(path.name))
+    tmp = path.with_name(temp_name(path.name)) if atomic else path
     writer = ArrayRecordWriter(str(tmp), options)
     count = 0
     try:
@@ -102,7 +106,8 @@ def write_array_record(path: str | os.PathLike, records: Iterable[bytes], option
         tmp.unlink(missing_ok=True)
         raise
     writer.close()
-    os.replace(tmp, path)
+    if atomic:
+        os.replace(tmp, path)
     return count
 
 

@@ -3,8 +3,9 @@
 Formats read:
 - Meta's DINOv3 backbone state dict (``storage_tokens``, ``rope_embed.periods``,
   ``blocks.N.ls1.gamma``, ``blocks.N.attn.qkv.{weight,bias,bias_mask}``, ``blocks.N.mlp.fc1`` or
-  ``w1/w2/w3``, ``norm.*``, ``mask_token``). The file's ``bias_mask`` is folded into the bias
-  (Meta's released ViT-S/B/L store it as all zeros).
+  ``w1/w2/w3``, ``norm.*``, ``mask_token``). The file's ``bias_mask`` is applied to the bias as
+  given (Meta's released ViT-S/B/L store it as all zeros); a key bias it keeps is kept (the model
+  then runs with ``mask_k_bias=False``): under RoPE a key bias changes the attention.
 - timm's DINOv3 ``Eva`` state dict. Key mapping to Meta: ``reg_token`` -> ``storage_tokens``,
   ``gamma_1/gamma_2`` -> ``ls1.gamma/ls2.gamma``, ``attn.q_bias`` + zero k + ``attn.v_bias`` ->
   ``attn.qkv.bias`` (with the k-masking ``bias_mask``), ``mlp.fc1_g/fc1_x/fc2`` ->
@@ -18,6 +19,11 @@ bfloat16 (no torch).
 
 Export writes Meta's key format to safetensors, with the ViTConfig as JSON metadata so a round
 trip restores execution settings too.
+
+LayerNorm epsilon is not in a state dict, and a wrong one changes every feature (by ~5e-3 for
+1e-5 vs 1e-6): ``norm_eps_choice`` takes it from the file's stored config when it has one, else
+1e-6 for DINOv3 training checkpoints (their ``layernorm``), else 1e-5 (the released backbones'
+``layernormbf16``); an explicit ``norm_eps`` overrides all three.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import dataclasses
 import json
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -57,11 +65,16 @@ def read_state_dict(path: str | os.PathLike, section: str = "teacher") -> StateD
 
     A .pth holding nested dicts (a training checkpoint) is reduced to ``section``.
     """
+    return _read_file(path, section)[0]
+
+
+def _read_file(path: str | os.PathLike, section: str = "teacher") -> tuple[StateDict, bool]:
+    """read_state_dict, and whether the file nested its weights in a training-checkpoint dict."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
     if path.endswith(".safetensors"):
-        return _read_safetensors(path)
+        return _read_safetensors(path), False
     if path.endswith((".pth", ".pt", ".bin")):
         return _read_torch(path, section)
     raise CheckpointError(f"{path}: unknown checkpoint type (expected .pth, .pt, .bin or .safetensors)")
@@ -89,7 +102,7 @@ def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def _read_torch(path: str, section: str) -> StateDict:
+def _read_torch(path: str, section: str) -> tuple[StateDict, bool]:
     try:
         import torch
     except ImportError as err:
@@ -100,7 +113,8 @@ def _read_torch(path: str, section: str) -> StateDict:
         raise CheckpointError(f"{path}: torch.load(weights_only=True) failed: {err}") from err
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a state dict, got {type(obj).__name__}")
-    if not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    nested = not all(isinstance(v, torch.Tensor) for v in obj.values())
+    if nested:
         if section not in obj or not isinstance(obj[section], Mapping):
             raise CheckpointError(
                 f"{path}: nested checkpoint without a {section!r} state dict; top-level keys: {sorted(obj)}"
@@ -112,7 +126,7 @@ def _read_torch(path: str, section: str) -> StateDict:
             raise CheckpointError(f"{path}: entry {key!r} is {type(value).__name__}, not a tensor")
         value = value.detach().cpu()
         out[key] = (value.float() if value.is_floating_point() else value).numpy()
-    return out
+    return out, nested
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -297,7 +311,8 @@ def infer_config(state: Mapping[str, np.ndarray], **overrides: Any) -> ViTConfig
         in_chans=int(patch_w.shape[1]),
         n_storage_tokens=int(state["storage_tokens"].shape[1]) if "storage_tokens" in state else 0,
         qkv_bias="blocks.0.attn.qkv.bias" in state,
-        mask_k_bias="blocks.0.attn.qkv.bias_mask" in state,
+        # The model masks the key third only when the file's mask does and no key bias is kept.
+        mask_k_bias="blocks.0.attn.qkv.bias_mask" in state and not _keeps_key_bias(state),
         proj_bias="blocks.0.attn.proj.bias" in state,
         ffn_bias=f"blocks.0.mlp.{fc}.bias" in state,
         ffn_layer="swiglu" if swiglu else "mlp",
@@ -315,9 +330,29 @@ def infer_config(state: Mapping[str, np.ndarray], **overrides: Any) -> ViTConfig
     return ViTConfig(**fields)
 
 
+def _keeps_key_bias(state: Mapping[str, np.ndarray]) -> bool:
+    """Whether any block's qkv bias, with its bias_mask applied, has a nonzero key third."""
+    for key, bias in state.items():
+        if key.endswith(".attn.qkv.bias"):
+            mask = state.get(key + "_mask")
+            applied = np.asarray(bias, np.float32) * (1.0 if mask is None else np.asarray(mask, np.float32))
+            dim = applied.shape[0] // 3
+            if np.any(applied[dim : 2 * dim] != 0):
+                return True
+    return False
+
+
 def check_keys(state: Mapping[str, np.ndarray], config: ViTConfig, optional: tuple[str, ...] = ()) -> None:
-    """Raise CheckpointError listing unknown, missing and mis-shaped keys (Meta format)."""
+    """Raise CheckpointError listing unknown, missing and mis-shaped keys (Meta format).
+
+    A qkv bias may come with DINOv3's ``bias_mask`` whether or not the model masks keys (the
+    mask is applied to the bias on import), and a k-masked model's file may lack it.
+    """
     expected = meta_key_shapes(config)
+    if config.qkv_bias:
+        masks = {f"blocks.{i}.attn.qkv.bias_mask": (3 * config.embed_dim,) for i in range(config.depth)}
+        expected.update(masks)
+        optional = tuple(optional) + tuple(masks)
     unknown = sorted(set(state) - set(expected))
     missing = sorted(set(expected) - set(state) - set(optional))
     misshaped = [
@@ -377,19 +412,26 @@ def meta_to_backbone(state: Mapping[str, np.ndarray], config: ViTConfig) -> Visi
 
 
 def _fold_bias_masks(state: Mapping[str, np.ndarray], config: ViTConfig) -> StateDict:
-    """Multiply each qkv bias by the file's ``bias_mask``, the bias DINOv3 actually applies.
+    """Multiply each qkv bias by the file's ``bias_mask``: the bias DINOv3 actually applies.
 
     Meta's released ViT-S/B/L checkpoints store an all-zero mask (and zero biases), not the
-    (1, 0, 1) thirds this model fixes; folding makes the q and v thirds exact either way. The
-    key third does not matter: a key bias adds the same q·b to every logit of a query row, which
-    the softmax cancels.
+    (1, 0, 1) thirds a k-masked model uses; folding makes every third exact either way. A key
+    third that survives the file's mask is not harmless (under RoPE, q . R(p) b_k depends on the
+    key's position p), so a model that would mask it (``mask_k_bias``) refuses the file.
     """
     state = dict(state)
     for i in range(config.depth):
         mask = state.get(f"blocks.{i}.attn.qkv.bias_mask")
+        bias = f"blocks.{i}.attn.qkv.bias"
         if mask is not None:
-            bias = f"blocks.{i}.attn.qkv.bias"
             state[bias] = (np.asarray(state[bias], np.float32) * mask).astype(np.float32)
+        if config.qkv_bias and config.mask_k_bias and bias in state:
+            key_third = state[bias][config.embed_dim : 2 * config.embed_dim]
+            if np.any(key_third != 0):
+                raise CheckpointError(
+                    f"{bias}: the file applies a key bias (max |b_k| {np.abs(key_third).max():.3g}), but the "
+                    "model masks it (mask_k_bias=True) and would drop it; convert with mask_k_bias=False"
+                )
     return state
 
 
@@ -502,6 +544,21 @@ def head_to_torch(head: DINOHead) -> StateDict:
 # Whole-checkpoint entry points
 
 
+NORM_EPS_TRAINING = 1e-6  # DINOv3's "layernorm": what its training checkpoints were trained with
+NORM_EPS_RELEASED = 1e-5  # DINOv3's "layernormbf16", the hub models' norm
+
+
+def norm_eps_choice(training_layout: bool, stored: ViTConfig | None, overrides: Mapping[str, Any]) -> tuple[float, str]:
+    """The LayerNorm epsilon a converted backbone runs with, and why (for the user to check)."""
+    if overrides.get("norm_eps") is not None:
+        return float(overrides["norm_eps"]), "given (--norm-eps)"
+    if stored is not None:
+        return stored.norm_eps, "the file's stored ViTConfig"
+    if training_layout:
+        return NORM_EPS_TRAINING, "a DINOv3 training checkpoint (teacher/student dict or backbone. keys): its 'layernorm'"
+    return NORM_EPS_RELEASED, "a released DINOv3 backbone: the hub models' 'layernormbf16'"
+
+
 def load_backbone(
     source: str | os.PathLike | Mapping[str, np.ndarray],
     config: ViTConfig | None = None,
@@ -512,14 +569,30 @@ def load_backbone(
     """Backbone (and any DINO/iBOT heads) from a file or a state dict in Meta/timm/training format.
 
     Without ``config`` the architecture is inferred from the weights (and, for files written by
-    :func:`export_backbone`, from their stored config); ``overrides`` set the other fields.
-    ``in_chans=1`` folds an RGB patch embedding for grayscale input (fold_input_channels).
+    :func:`export_backbone`, from their stored config), and the LayerNorm epsilon is chosen by
+    :func:`norm_eps_choice`; ``overrides`` set the other fields. ``in_chans=1`` folds an RGB
+    patch embedding for grayscale input (fold_input_channels). A state dict given as a mapping
+    may nest the weights under ``"teacher"``, as training checkpoints do.
     """
+    model, heads, _ = load_backbone_explained(source, config, fmt=fmt, **overrides)
+    return model, heads
+
+
+def load_backbone_explained(
+    source: str | os.PathLike | Mapping[str, np.ndarray],
+    config: ViTConfig | None = None,
+    *,
+    fmt: str = "auto",
+    **overrides: Any,
+) -> tuple[VisionTransformer, dict[str, DINOHead], str]:
+    """load_backbone, plus why the backbone has its LayerNorm epsilon (None-free text)."""
     if isinstance(source, Mapping):
-        state, stored = dict(source), None
+        nested = any(isinstance(v, Mapping) for v in source.values())
+        state, stored = (dict(source["teacher"]) if nested else dict(source)), None
     else:
-        state = read_state_dict(source)
+        state, nested = _read_file(source)
         stored = _stored_config(source)
+    training_layout = nested or any(k.startswith("backbone.") for k in state)
     backbone, head_states = split_training_checkpoint(state)
     fmt = detect_format(backbone) if fmt == "auto" else fmt
     if fmt == "timm":
@@ -527,12 +600,15 @@ def load_backbone(
     elif fmt != "meta":
         raise CheckpointError(f"unknown format {fmt!r}; use 'auto', 'meta' or 'timm'")
     if config is None:
-        config = stored.replace(**overrides) if stored is not None else infer_config(backbone, **overrides)
-    elif overrides:
-        config = config.replace(**overrides)
+        eps, why = norm_eps_choice(training_layout, stored, overrides)
+        fields = {**overrides, "norm_eps": eps}
+        config = stored.replace(**fields) if stored is not None else infer_config(backbone, **fields)
+    else:
+        why = "given (--norm-eps)" if "norm_eps" in overrides else "the given ViTConfig"
+        config = config.replace(**overrides) if overrides else config
     model = meta_to_backbone(fold_input_channels(backbone, config.in_chans), config)
     heads = {name: torch_to_head(sd) for name, sd in head_states.items()}
-    return model, heads
+    return model, heads, why
 
 
 def fold_input_channels(state: Mapping[str, np.ndarray], in_chans: int) -> dict[str, np.ndarray]:
@@ -581,22 +657,43 @@ def export_backbone(
 
 
 def save_flax_checkpoint(
-    directory: str | os.PathLike, model: VisionTransformer, heads: Mapping[str, DINOHead] | None = None
+    directory: str | os.PathLike,
+    model: VisionTransformer,
+    heads: Mapping[str, DINOHead] | None = None,
+    overwrite: bool = False,
 ) -> None:
-    """Write ``directory/config.json`` and an Orbax checkpoint ``directory/state``."""
+    """Write an Orbax checkpoint ``directory/state``, then ``directory/config.json``.
+
+    The config is written last and atomically: it is what marks the folder as a checkpoint, so
+    a save that fails part-way leaves no config beside weights it does not describe. An existing
+    folder that is not empty is refused unless ``overwrite``, which replaces a checkpoint there
+    (its config first, so that old weights never load with a new config).
+    """
     import orbax.checkpoint as ocp
 
     directory = os.path.abspath(os.fspath(directory))
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise CheckpointError(f"{directory}: exists and is not a folder")
+    if os.path.isdir(directory) and os.listdir(directory):
+        if not overwrite:
+            raise CheckpointError(f"{directory}: the folder exists and is not empty "
+                                  f"({', '.join(sorted(os.listdir(directory))[:5])}); pass overwrite=True "
+                                  "(braindino-convert --overwrite) to replace the checkpoint in it")
+        config_path = os.path.join(directory, "config.json")
+        if os.path.exists(config_path):
+            os.unlink(config_path)
+        shutil.rmtree(os.path.join(directory, "state"), ignore_errors=True)
     os.makedirs(directory, exist_ok=True)
     heads = dict(heads or {})
-    configs = {"backbone": model.config.to_dict()}
-    configs.update({name: dataclasses.asdict(h.config) for name, h in heads.items()})
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(configs, f, indent=2)
     tree = {"backbone": nnx.to_pure_dict(nnx.state(model))}
     tree.update({name: nnx.to_pure_dict(nnx.state(h)) for name, h in heads.items()})
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(directory, "state"), tree)
+    configs = {"backbone": model.config.to_dict()}
+    configs.update({name: dataclasses.asdict(h.config) for name, h in heads.items()})
+    with tempfile.NamedTemporaryFile("w", dir=directory, prefix=".config.json.", delete=False) as f:
+        json.dump(configs, f, indent=2)
+    os.replace(f.name, os.path.join(directory, "config.json"))
 
 
 def load_flax_checkpoint(directory: str | os.PathLike) -> tuple[VisionTransformer, dict[str, DINOHead]]:

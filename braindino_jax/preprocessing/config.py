@@ -39,36 +39,24 @@ class PrepConfig:
     n_slices: int | None = None  # keep N slices spaced uniformly between first and last fg slice
     size: int = 256  # output in-plane square size
     margin: int = 8  # pixels of margin around the foreground bounding box
+    # Thick slices: at most this factor of through-plane upsampling (slice distance / target
+    # z spacing); beyond it only the in-plane axes are resampled and the native slices kept.
+    max_slice_upsampling: float | None = 2.0  # None = no limit
+    min_extent_mm: float = 60.0  # smallest in-plane foreground extent accepted (a brain's is > 100)
 
     def validate(self) -> None:
         """Raise ConfigError naming the first invalid field."""
         ts = self.target_spacing
-        if ts is not None:
-            if (
-                not isinstance(ts, (tuple, list))
-                or len(ts) != 3
-                or not all(_is_number(s) and s > 0 for s in ts)
-            ):
-                raise ConfigError(
-                    f"PrepConfig.target_spacing: expected None or three positive finite mm "
-                    f"values, got {ts!r}"
-                )
-        if self.interpolation not in INTERPOLATIONS:
-            raise ConfigError(
-                f"PrepConfig.interpolation: expected one of {INTERPOLATIONS}, got {self.interpolation!r}"
-            )
-        if self.four_d_policy not in FOUR_D_POLICIES:
-            raise ConfigError(
-                f"PrepConfig.four_d_policy: expected one of {FOUR_D_POLICIES}, got {self.four_d_policy!r}"
-            )
-        if self.mask_method not in MASK_METHODS:
-            raise ConfigError(
-                f"PrepConfig.mask_method: expected one of {MASK_METHODS}, got {self.mask_method!r}"
-            )
+        if ts is not None and (
+            not isinstance(ts, (tuple, list)) or len(ts) != 3 or not all(_is_number(s) and s > 0 for s in ts)
+        ):
+            self._fail("target_spacing", f"expected None or three positive finite mm values, got {ts!r}")
+        for name, choices in (("interpolation", INTERPOLATIONS), ("four_d_policy", FOUR_D_POLICIES),
+                              ("mask_method", MASK_METHODS)):
+            if getattr(self, name) not in choices:
+                self._fail(name, f"expected one of {choices}, got {getattr(self, name)!r}")
         if not (_is_number(self.mask_percentile) and 0.0 <= self.mask_percentile < 100.0):
-            raise ConfigError(
-                f"PrepConfig.mask_percentile: expected a number in [0, 100), got {self.mask_percentile!r}"
-            )
+            self._fail("mask_percentile", f"expected a number in [0, 100), got {self.mask_percentile!r}")
         cp = self.clip_percentiles
         if (
             not isinstance(cp, (tuple, list))
@@ -76,20 +64,26 @@ class PrepConfig:
             or not all(_is_number(p) for p in cp)
             or not 0.0 <= cp[0] < cp[1] <= 100.0
         ):
-            raise ConfigError(
-                f"PrepConfig.clip_percentiles: expected (lo, hi) with 0 <= lo < hi <= 100, got {cp!r}"
-            )
+            self._fail("clip_percentiles", f"expected (lo, hi) with 0 <= lo < hi <= 100, got {cp!r}")
         f = self.min_foreground_fraction
         if not (_is_number(f) and 0.0 <= f <= 1.0):
-            raise ConfigError(f"PrepConfig.min_foreground_fraction: expected a number in [0, 1], got {f!r}")
+            self._fail("min_foreground_fraction", f"expected a number in [0, 1], got {f!r}")
         if self.n_slices is not None and not (_is_int(self.n_slices) and self.n_slices >= 1):
-            raise ConfigError(f"PrepConfig.n_slices: expected None or an integer >= 1, got {self.n_slices!r}")
+            self._fail("n_slices", f"expected None or an integer >= 1, got {self.n_slices!r}")
         if not (_is_int(self.size) and self.size >= 8):
-            raise ConfigError(f"PrepConfig.size: expected an integer >= 8, got {self.size!r}")
+            self._fail("size", f"expected an integer >= 8, got {self.size!r}")
         if not (_is_int(self.margin) and 0 <= self.margin < self.size // 2):
-            raise ConfigError(
-                f"PrepConfig.margin: expected an integer in [0, size // 2), got {self.margin!r}"
-            )
+            self._fail("margin", f"expected an integer in [0, {self.size // 2}) (below half the output "
+                       f"size {self.size}), got {self.margin!r}")
+        up = self.max_slice_upsampling
+        if up is not None and not (_is_number(up) and up >= 1.0):
+            self._fail("max_slice_upsampling", f"expected None or a number >= 1, got {up!r}")
+        if not (_is_number(self.min_extent_mm) and self.min_extent_mm >= 0.0):
+            self._fail("min_extent_mm", f"expected a number of mm >= 0, got {self.min_extent_mm!r}")
+
+    @staticmethod
+    def _fail(name: str, problem: str) -> None:
+        raise ConfigError(f"PrepConfig.{name}", problem)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict (tuples become lists); ``from_dict`` inverts it."""
@@ -103,11 +97,11 @@ class PrepConfig:
     def from_dict(cls, data: dict[str, Any]) -> PrepConfig:
         """Build and validate a config; unknown keys are an error (they are usually typos)."""
         if not isinstance(data, dict):
-            raise ConfigError(f"PrepConfig: expected a dict, got {type(data).__name__}")
+            raise ConfigError("PrepConfig", f"expected a dict, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"PrepConfig.{unknown[0]}: unknown field (known: {sorted(known)})")
+            raise ConfigError(f"PrepConfig.{unknown[0]}", f"unknown field (known: {sorted(known)})")
         kwargs = dict(data)
         for key in ("target_spacing", "clip_percentiles"):
             if isinstance(kwargs.get(key), list):

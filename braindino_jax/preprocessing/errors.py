@@ -1,7 +1,8 @@
-"""Errors raised by preprocessing: one for a bad input volume, one for a bad configuration.
+"""Errors raised by preprocessing: a bad input volume, an input left out on purpose, a bad config.
 
 A batch job catches VolumeError per file, records ``path`` and ``reason`` in its manifest and
-goes on; ConfigError stops the job up front because every volume would fail the same way.
+goes on (VolumeSkipped as "skipped", which never counts as a failure); ConfigError stops the job
+up front because every volume would fail the same way.
 """
 
 from __future__ import annotations
@@ -22,5 +23,21 @@ class VolumeError(Exception):
         return (type(self), (self.path, self.reason))
 
 
+class VolumeSkipped(VolumeError):
+    """A readable volume the configuration leaves out (a 4D series under four_d_policy="skip",
+    a field of view too small to be a brain, thick slices that are not axial)."""
+
+
 class ConfigError(ValueError):
-    """An invalid preprocessing configuration; the message names the offending field."""
+    """An invalid setting; ``field`` names it (e.g. "PrepConfig.margin"), ``problem`` says why.
+
+    str() is ``"<field>: <problem>"``; a command-line face can name its own flag instead.
+    """
+
+    def __init__(self, field: str, problem: str):
+        self.field = field
+        self.problem = problem
+        super().__init__(f"{field}: {problem}")
+
+    def __reduce__(self):
+        return (type(self), (self.field, self.problem))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -295,12 +296,15 @@ def write_demo_dataset(
     n_volumes: int = 8,
     seed: int = 0,
     label_dir: str | os.PathLike | None = None,
+    progress: Callable[[Path], None] | None = None,
 ) -> list[Path]:
     """Write a small BIDS-style demo corpus and return the image paths.
 
     Layout: ``<out_dir>/<dataset>/sub-XX/ses-1/anat/sub-XX_ses-1_<modality>.nii.gz`` for two
     datasets and three modalities, skull-stripped, with varied orientations, spacings, some
     oblique. Labels, if wanted, mirror that layout under ``label_dir`` with a ``_dseg`` suffix.
+    ``progress`` is called with each image path once it is written (a phantom takes a second
+    or so).
     """
     if n_volumes < 1:
         raise ValueError(f"n_volumes: expected >= 1, got {n_volumes}")
@@ -323,4 +327,6 @@ def write_demo_dataset(
             skull_stripped=True,
         )
         paths.append(image)
+        if progress is not None:
+            progress(image)
     return paths

@@ -12,10 +12,16 @@ axis maps to one input axis, possibly flipped: the common case) is interpolated 
 1-D pass per axis, which costs (order + 1) reads per output voxel and pass instead of
 (order + 1)^3 gathers; an oblique one goes through ``scipy.ndimage.affine_transform``. Both
 follow scipy's "constant" mode: B-spline interpolation, points outside the input's voxel
-centres read 0, and spline coefficients are mirrored at the edges.
+centres read 0, and spline coefficients are mirrored at the edges. (``oblique`` has the fast
+linear path for oblique images and their masks; ``preprocess_volume`` picks it.)
+
+Thick slices are not upsampled by more than a set factor: ``plan_grid`` then keeps the native
+slices and resamples only within them (``native_slice_grid``), so no axial slice is invented.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 from scipy import ndimage
@@ -66,6 +72,128 @@ def target_grid(
     return out_affine, out_shape
 
 
+def plane_distances(affine: np.ndarray) -> np.ndarray:
+    """Distance (mm) between successive voxel planes across each voxel axis: the voxel volume
+    over the area of the face spanned by the two other axes (the spacing when orthogonal)."""
+    linear = affine[:3, :3]
+    volume = abs(np.linalg.det(linear))
+    return np.array([volume / np.linalg.norm(np.cross(linear[:, (d + 1) % 3], linear[:, (d + 2) % 3]))
+                     for d in range(3)])
+
+
+@dataclasses.dataclass(frozen=True)
+class GridPlan:
+    """Where a RAS+ volume is resampled to: the output grid and how it was chosen."""
+
+    affine: np.ndarray
+    shape: tuple[int, int, int]
+    mode: str  # "3d": the world lattice; "in-plane": native axial slices kept, resampled within;
+    # "none": the input's own grid (already on target, or no target)
+    slice_spacing: float  # mm between the input's axial slice planes
+    slice_upsampling: float  # slice_spacing / the output's axial spacing (1.0 unless "3d")
+
+    def describe(self) -> dict:
+        """JSON-safe summary for a manifest row."""
+        return {
+            "mode": self.mode,
+            "output_spacing_mm": [round(s, 6) for s in voxel_spacing(self.affine)],
+            "input_slice_spacing_mm": round(self.slice_spacing, 6),
+            "slice_upsampling": round(self.slice_upsampling, 4),
+        }
+
+
+class ThickSlicesError(ValueError):
+    """Thick slices across a non-axial axis: no axial slice can be made without inventing data."""
+
+
+def plan_grid(
+    affine: np.ndarray,
+    shape: tuple[int, int, int],
+    target_spacing: tuple[float, float, float] | None,
+    max_slice_upsampling: float | None = None,
+) -> GridPlan:
+    """The grid to resample a RAS+ volume onto (mode "none": it is already on target).
+
+    The through-plane axis is the one whose plane distance needs the largest upsampling to
+    reach the target (the axial axis on ties). Within ``max_slice_upsampling``, the grid is the
+    world lattice (``target_grid``). Beyond it, if that axis is the axial one, the native slices
+    are kept (``native_slice_grid``); if it is not (thick sagittal or coronal slices), every
+    axial slice would be an interpolation, and ThickSlicesError says so.
+    """
+    distances = plane_distances(affine)
+    unchanged = GridPlan(affine, tuple(int(n) for n in shape), "none", float(distances[2]), 1.0)
+    if target_spacing is None:
+        return unchanged
+    factors = distances / np.asarray(target_spacing, float)
+    thick = 2 if factors[2] >= factors.max() else int(np.argmax(factors))
+    if max_slice_upsampling is None or factors[thick] <= max_slice_upsampling * (1 + SPACING_RTOL):
+        if not needs_resampling(affine, target_spacing):
+            return unchanged
+        grid_affine, grid_shape = target_grid(affine, shape, target_spacing)
+        return GridPlan(grid_affine, grid_shape, "3d", float(distances[2]),
+                        float(distances[2] / target_spacing[2]))
+    if thick != 2:
+        raise ThickSlicesError(
+            f"{'RAS'[thick]}-axis slices {distances[thick]:.2f} mm apart (thick {('sagittal', 'coronal')[thick]} "
+            f"slices) would need {factors[thick]:.2f}x upsampling to make axial slices, above "
+            f"max_slice_upsampling {max_slice_upsampling:g} (--max-slice-upsampling)"
+        )
+    grid_affine, grid_shape = native_slice_grid(affine, shape, target_spacing[:2])
+    if is_axis_aligned(affine) and np.allclose(
+        voxel_spacing(affine)[:2], target_spacing[:2], rtol=SPACING_RTOL, atol=0.0
+    ):
+        return unchanged  # already on the in-plane target: the native grid is the input's own
+    return GridPlan(grid_affine, grid_shape, "in-plane", float(distances[2]), 1.0)
+
+
+def native_slice_grid(
+    affine: np.ndarray, shape: tuple[int, int, int], in_plane_spacing: tuple[float, float]
+) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """A grid whose slices are the input's own axial slices, resampled within their plane.
+
+    In-plane axes: world x projected onto the slice plane, and the plane normal cross that
+    (≈ anterior); their points sit on a ``spacing * integer`` lattice of plane coordinates and
+    cover the input voxel centres. The through-plane step is the input's, so output slice k is
+    input slice k: nothing is interpolated across slices. For an axis-aligned input the in-plane
+    lattice is the world lattice.
+    """
+    linear, origin = affine[:3, :3], affine[:3, 3]
+    normal = np.cross(linear[:, 0], linear[:, 1])
+    normal /= np.linalg.norm(normal)
+    u = np.array([1.0, 0.0, 0.0]) - normal[0] * normal
+    u /= np.linalg.norm(u)
+    v = np.cross(normal, u)
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in shape], indexing="ij")).reshape(3, -1)
+    world = linear @ corners + origin[:, None]
+    spacing = np.asarray(in_plane_spacing, float)
+    plane = np.stack([u @ world, v @ world]) / spacing[:, None]
+    first = np.ceil(plane.min(axis=1) - 1e-6)
+    last = np.floor(plane.max(axis=1) + 1e-6)
+    out = np.eye(4)
+    out[:3, 0], out[:3, 1], out[:3, 2] = u * spacing[0], v * spacing[1], linear[:, 2]
+    out[:3, 3] = origin - (u @ origin) * u - (v @ origin) * v + first[0] * spacing[0] * u + first[1] * spacing[1] * v
+    return out, (int(last[0] - first[0] + 1), int(last[1] - first[1] + 1), int(shape[2]))
+
+
+def box_mapping(
+    affine: np.ndarray, grid_affine: np.ndarray, box: Box, native_slices: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """(output-box index → input index, box affine) for ``box`` of a grid.
+
+    With ``native_slices`` (a ``native_slice_grid``) the input axis that the output's axial
+    axis steps along is set to exactly "input slice = ±output slice + integer", so float
+    rounding can never move a point off its slice.
+    """
+    start = np.array([s.start for s in box], dtype=np.float64)
+    box_affine = grid_affine.copy()
+    box_affine[:3, 3] += grid_affine[:3, :3] @ start
+    mapping = np.linalg.inv(affine) @ box_affine
+    if native_slices:
+        row = int(np.argmax(np.abs(mapping[:3, 2])))
+        mapping[row] = [0.0, 0.0, float(np.sign(mapping[row, 2])), float(round(mapping[row, 3]))]
+    return mapping, box_affine
+
+
 def covering_box(
     affine: np.ndarray,
     grid: tuple[np.ndarray, tuple[int, int, int]],
@@ -98,6 +226,7 @@ def resample(
     kind: str = "linear",
     grid: tuple[np.ndarray, tuple[int, int, int]] | None = None,
     box: Box | None = None,
+    native_slices: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Resample a 3D volume (any orientation) to ``target_spacing`` on the world lattice.
 
@@ -105,7 +234,8 @@ def resample(
     dtype is kept). Pass ``grid`` (from ``target_grid``) to put an image and its labels on the
     same grid; with the same affine and shape they get the same grid anyway. ``box`` (slices of
     that grid, e.g. from ``covering_box``) computes only that part: its values equal the same
-    part of the whole. Points outside the input read 0. Returns the array and its affine.
+    part of the whole. Points outside the input read 0. ``native_slices``: ``grid`` is a
+    ``native_slice_grid`` (see ``box_mapping``). Returns the array and its affine.
     """
     if kind not in ORDERS:
         raise ValueError(f"kind: expected one of {tuple(ORDERS)}, got {kind!r}")
@@ -114,12 +244,8 @@ def resample(
     out_affine, out_shape = grid if grid is not None else target_grid(affine, data.shape, target_spacing)
     if box is None:
         box = tuple(slice(0, n) for n in out_shape)
-    start = np.array([s.start for s in box], dtype=np.float64)
     box_shape = tuple(s.stop - s.start for s in box)
-    box_affine = out_affine.copy()
-    box_affine[:3, 3] += out_affine[:3, :3] @ start
-    # Output index → input index: inv(A_in) @ A_box.
-    mapping = np.linalg.inv(affine) @ box_affine
+    mapping, box_affine = box_mapping(affine, out_affine, box, native_slices)
     order = ORDERS[kind]
     if min(box_shape) <= 0:
         dtype = data.dtype if order == 0 else np.float32
@@ -128,6 +254,12 @@ def resample(
     if perm is not None:
         return _resample_separable(data, mapping, perm, box_shape, order), box_affine
     return _resample_affine(data, mapping, box_shape, order), box_affine
+
+
+def is_separable(mapping: np.ndarray) -> bool:
+    """Whether ``resample`` interpolates this mapping (output index → input index) separably:
+    each output axis reads one input axis (flips and permutations allowed)."""
+    return _axis_permutation(mapping[:3, :3]) is not None
 
 
 def _axis_permutation(linear: np.ndarray) -> list[int] | None:
@@ -179,7 +311,10 @@ def _resample_separable(
         out = out.astype(work, copy=False)
     for in_axis, idx, weights in sorted(taps, key=lambda t: len(t[1]) / out.shape[t[0]]):
         if order <= 1 and np.array_equal(idx[:, 0], np.arange(len(idx))) and np.all(weights[:, 0] == 1):
-            continue  # output voxels on input voxels (e.g. in-plane of a thick-slice scan): the cut is the pass
+            # Output voxels on input voxels (e.g. the native slices of a thick-slice scan): the
+            # cut is the pass, less the unused last tap.
+            out = out[(slice(None),) * in_axis + (slice(0, len(idx)),)]
+            continue
         out = _interp_axis(out, in_axis, idx, weights)
     # Input axes → output axes.
     out = np.transpose(out, perm)

@@ -4,30 +4,38 @@ The order of steps matters for cost: the foreground mask is found on the source 
 file's own memory layout (numpy passes over the flipped views that reorientation makes are
 several times slower) and, for integer data with a "nonzero" mask, on the stored integers. The
 volume is resampled only when its spacing or obliquity requires it, and then only over the
-output box that can hold foreground. Without resampling, only the foreground box (a brain fills
-a fifth of a typical field of view) is converted to float32. Intensity statistics are taken
-once over the foreground, and only the kept slices inside the crop box are scaled to uint8.
+output box that can hold foreground (an oblique one, linearly, only in the blocks of that box
+near the foreground: ``oblique``). Thick slices are never upsampled past
+``max_slice_upsampling``: the native slices are kept and resampled in-plane instead. Without
+resampling, only the foreground box (a brain fills a fifth of a typical field of view) is
+converted to float32. Intensity statistics are taken once over the foreground, and only the kept
+slices inside the crop box are scaled to uint8.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 import numpy as np
 
 from braindino_jax.preprocessing.config import PrepConfig
-from braindino_jax.preprocessing.errors import VolumeError
+from braindino_jax.preprocessing.errors import VolumeError, VolumeSkipped
 from braindino_jax.preprocessing.foreground import foreground_mask
 from braindino_jax.preprocessing.inplane import bounding_box, pad_to_square, shrink_to_fit
 from braindino_jax.preprocessing.intensity import IntensityScale, fit_intensity_scale, zero_nonfinite
 from braindino_jax.preprocessing.loading import LoadedVolume, load_volume
+from braindino_jax.preprocessing.oblique import resample_near_foreground
 from braindino_jax.preprocessing.orientation import axis_codes, reduce_unreversed, to_canonical
 from braindino_jax.preprocessing.resampling import (
+    GridPlan,
+    ThickSlicesError,
+    box_mapping,
     covering_box,
-    needs_resampling,
+    is_separable,
+    plan_grid,
     resample,
-    target_grid,
     voxel_spacing,
 )
 from braindino_jax.preprocessing.slices import foreground_fractions, select_slices
@@ -49,15 +57,18 @@ class PreparedVolume:
     nan_count: int  # NaN/Inf voxels found (treated as background)
     slices_dropped: int  # axial slices not kept
     volume_index: int  # index within a 4D series (0 for 3D)
+    resampling: dict[str, Any]  # GridPlan.describe: what was done to reach the output grid
 
 
 def preprocess_volume(path: str | os.PathLike, config: PrepConfig) -> list[PreparedVolume]:
     """Load, canonicalise, resample, mask, scale and slice ``path``: one result per 3D volume.
 
     Raises VolumeError (naming the file) for unreadable, corrupt or truncated files, images that
-    are not 3D/4D, a 4D image under ``four_d_policy="skip"``, and volumes with no usable
-    foreground (all zero, all NaN, constant, or no slice above the fraction threshold), including
-    any one volume of a 4D series (see preprocess_series for the lenient form).
+    are not 3D/4D, and volumes with no usable foreground (all zero, all NaN, constant, or no
+    slice above the fraction threshold), including any one volume of a 4D series (see
+    preprocess_series for the lenient form); its subclass VolumeSkipped for inputs the config
+    leaves out: a 4D image under ``four_d_policy="skip"``, a foreground narrower in-plane than
+    ``min_extent_mm``, and thick non-axial slices beyond ``max_slice_upsampling``.
     """
     prepared, failures = preprocess_series(path, config)
     if failures:
@@ -77,7 +88,7 @@ def preprocess_series(
     if loaded.stored.ndim == 4:
         n_volumes = loaded.stored.shape[3]
         if config.four_d_policy == "skip":
-            raise VolumeError(path, f"4D image with {n_volumes} volumes and four_d_policy='skip'")
+            raise VolumeSkipped(path, f"4D image with {n_volumes} volumes and four_d_policy='skip'")
         indices = range(n_volumes) if config.four_d_policy == "all" else range(1)
         volumes = [(t, loaded.stored[..., t]) for t in indices]
     else:
@@ -122,26 +133,32 @@ def _prepare_3d(
             if not data.any():
                 raise VolumeError(path, f"all voxels are zero{where}")
             raise VolumeError(path, f"no foreground voxels with mask_method={config.mask_method!r}{where}")
-    mask, affine = to_canonical(mask, loaded.affine)
+    file_mask = mask  # in the file's layout, which resampling reads fastest
+    mask, affine = to_canonical(file_mask, loaded.affine)
 
     full_shape, origin = mask.shape, (0, 0, 0)
-    if needs_resampling(affine, config.target_spacing):
-        # Only the part of the output grid that can hold foreground (plus the in-plane margin
-        # the framing reads) is computed; outside it the resampled mask is exactly 0.
-        if unscaled:
-            data, unscaled = loaded.to_float32(data), False
-        data = to_canonical(data, loaded.affine)[0]
-        grid = target_grid(affine, data.shape, config.target_spacing)
-        lo, hi = _index_extent(mask)
-        box = covering_box(affine, grid, lo, hi, pad=(config.margin, config.margin, 0))
-        data, _ = resample(data, affine, config.target_spacing, config.interpolation, grid, box)
-        mask_f, _ = resample(mask.view(np.uint8), affine, config.target_spacing, "linear", grid, box)
-        mask = mask_f >= 0.5
-        affine, full_shape, origin = grid[0], grid[1], tuple(s.start for s in box)
+    try:
+        plan = plan_grid(affine, mask.shape, config.target_spacing, config.max_slice_upsampling)
+    except ThickSlicesError as exc:
+        raise VolumeSkipped(path, f"{exc}{where}") from exc
+    if plan.mode != "none":
+        data, mask, box = _resample(loaded, data, unscaled, file_mask, plan, config)
+        unscaled = False
+        affine, full_shape, origin = plan.affine, plan.shape, tuple(s.start for s in box)
         if not mask.any():
             raise VolumeError(path, f"foreground vanished when resampling to {config.target_spacing} mm{where}")
     else:
         data = to_canonical(data, loaded.affine)[0]
+
+    plane_box = bounding_box(reduce_unreversed(np.any, mask, axis=2), margin=0)
+    spacing = voxel_spacing(affine)
+    extent = ((plane_box[1] - plane_box[0]) * spacing[0], (plane_box[3] - plane_box[2]) * spacing[1])
+    if min(extent) < config.min_extent_mm:
+        raise VolumeSkipped(
+            path,
+            f"foreground spans only {extent[0]:.0f} x {extent[1]:.0f} mm in-plane, below min_extent_mm "
+            f"{config.min_extent_mm:g} (--min-extent-mm): too small a field of view to be a brain{where}",
+        )
 
     # Fractions are of the whole axial plane of the (resampled) grid, indexed along its axis.
     fractions = np.zeros(full_shape[2])
@@ -155,7 +172,7 @@ def _prepare_3d(
         )
     # Everything below reads only the foreground box (plus the in-plane margin): a brain fills
     # a fraction of the field of view, and boolean gathers over the full volume dominate cost.
-    box = _foreground_box(mask, np.flatnonzero(fractions) - origin[2], config.margin)
+    box = _foreground_box(mask.shape, plane_box, np.flatnonzero(fractions) - origin[2], config.margin)
     data, mask = data[box], mask[box]
     if unscaled:
         data = loaded.to_float32(data)
@@ -169,7 +186,7 @@ def _prepare_3d(
         slices=_frame_slices(data, mask, kept - origin[2] - box[2].start, scale, config),
         slice_indices=kept,
         n_slices=n_axial,
-        spacing=voxel_spacing(affine),
+        spacing=spacing,
         fg_mean=scale.fg_mean,
         fg_std=scale.fg_std,
         source_shape=tuple(int(n) for n in loaded.stored.shape),
@@ -178,7 +195,48 @@ def _prepare_3d(
         nan_count=nan_count,
         slices_dropped=n_axial - int(np.unique(kept).size),
         volume_index=volume_index,
+        resampling=plan.describe(),
     )
+
+
+def _resample(
+    loaded: LoadedVolume,
+    data: np.ndarray,
+    unscaled: bool,
+    mask: np.ndarray,
+    plan: GridPlan,
+    config: PrepConfig,
+) -> tuple[np.ndarray, np.ndarray, tuple[slice, slice, slice]]:
+    """Image (float32) and mask on the part of ``plan``'s grid that can hold foreground.
+
+    ``data`` (stored integers when ``unscaled``) and ``mask`` are in the file's layout; they are
+    read with their axes in memory order (a NIfTI array is Fortran-ordered), which makes every
+    copy and reduction over them several times faster than through the canonical view. Only the
+    output box that can hold foreground is computed (plus the in-plane margin the framing
+    reads); outside it the resampled mask is exactly 0. Returns the two arrays and the box.
+    """
+    axes = sorted(range(3), key=lambda a: -data.strides[a])
+    data, mask = data.transpose(axes), mask.transpose(axes)
+    affine = loaded.affine[:, axes + [3]]
+    grid = (plan.affine, plan.shape)
+    lo, hi = _index_extent(mask)
+    box = covering_box(affine, grid, lo, hi, pad=(config.margin, config.margin, 0))
+    native = plan.mode == "in-plane"
+    mapping, _ = box_mapping(affine, plan.affine, box, native)
+    if config.interpolation == "linear" and not is_separable(mapping):
+        convert = loaded.to_float32 if unscaled else np.asarray
+        shape = tuple(s.stop - s.start for s in box)
+        data, mask, part = resample_near_foreground(
+            data, mask, lo, hi, mapping, shape, convert, zero_background=config.mask_method == "nonzero",
+            pad=(config.margin, config.margin, 0),
+        )
+        return data, mask, tuple(slice(b.start + p.start, b.start + p.stop) for b, p in zip(box, part))
+    if unscaled:
+        data = loaded.to_float32(data)
+    spacing = config.target_spacing
+    data, _ = resample(data, affine, spacing, config.interpolation, grid, box, native)
+    mask_f, _ = resample(mask.view(np.uint8), affine, spacing, "linear", grid, box, native)
+    return data, mask_f >= 0.5, box
 
 
 def _foreground_values(data: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -199,12 +257,15 @@ def _index_extent(mask: np.ndarray) -> tuple[tuple[int, int, int], tuple[int, in
     return (x0, y0, int(zs[0])), (x1 - 1, y1 - 1, int(zs[-1]))
 
 
-def _foreground_box(mask: np.ndarray, zs: np.ndarray, margin: int) -> tuple[slice, slice, slice]:
-    """Index box of all foreground voxels (``zs``: the axial indices holding some), widened
-    in-plane by ``margin`` (clipped)."""
-    axial = slice(int(zs[0]), int(zs[-1]) + 1)
-    x0, x1, y0, y1 = bounding_box(reduce_unreversed(np.any, mask[:, :, axial], axis=2), margin)
-    return slice(x0, x1), slice(y0, y1), axial
+def _foreground_box(
+    shape: tuple[int, ...], plane_box: tuple[int, int, int, int], zs: np.ndarray, margin: int
+) -> tuple[slice, slice, slice]:
+    """Index box of all foreground voxels (``plane_box``: their tight in-plane box; ``zs``: the
+    axial indices holding some), widened in-plane by ``margin`` (clipped)."""
+    x0, x1, y0, y1 = plane_box
+    return (slice(max(x0 - margin, 0), min(x1 + margin, shape[0])),
+            slice(max(y0 - margin, 0), min(y1 + margin, shape[1])),
+            slice(int(zs[0]), int(zs[-1]) + 1))
 
 
 def _frame_slices(

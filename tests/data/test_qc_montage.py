@@ -49,3 +49,46 @@ def test_merged_partial_samples_equal_one_pass(tmp_path, per_dataset, worst):
     by_key = dict(items)
     assert sorted(np.count_nonzero(by_key[k].pixels) / 144 for k in worst_keys) == fractions[:worst]
     assert Image.open(tmp_path / "worst_foreground.png").size[0] > 0
+
+
+
+def test_tiles_are_large_and_labels_stay_inside_their_tile(tmp_path):
+    """A top slice (a 40-pixel brain in a 256-pixel frame) is shown enlarged, and a label
+    longer than its tile is wrapped or cut: the neighbouring tile looks the same either way."""
+    from braindino_jax.data.qc_montage import _montage_png
+
+    rng = np.random.default_rng(3)
+    pixels = np.zeros((256, 256), np.uint8)
+    pixels[100:140, 110:150] = rng.integers(1, 256, (40, 40))
+    long_label = "a-dataset-with-a-long-name/sub-" + "9" * 60 + " ses-baseline FLAIR z3 fg2%"
+
+    def montage(first_label):
+        tiles = [("k0", first_label, pixels), ("k1", "b", pixels), ("k2", "c", pixels)]
+        path = tmp_path / "montage.png"
+        path.write_bytes(_montage_png(tiles))
+        return np.asarray(Image.open(path))
+
+    short, long = montage("a"), montage(long_label)
+    cell = short.shape[1] // 3
+    np.testing.assert_array_equal(long[:, cell:], short[:, cell:])
+    assert not np.array_equal(long[:, :cell], short[:, :cell])  # the label is drawn, in its own tile
+    brain_rows = np.count_nonzero(np.count_nonzero(short[:, :cell], axis=1) >= 100)
+    assert brain_rows >= 150  # 40 pixels shown at least ~4x
+
+
+def test_labels_are_wrapped_to_the_tile_width_and_cut_only_when_too_long():
+    from PIL import ImageDraw, ImageFont
+
+    from braindino_jax.data.qc_montage import CAPTION_LINES, FONT_SIZE, _fit_label
+
+    draw = ImageDraw.Draw(Image.new("L", (1, 1)))
+    font = ImageFont.load_default(size=FONT_SIZE)
+    width = 250
+    two_lines = "demo-a/sub-0123456789 ses-baseline T1w z150 fg3% and a second line's worth"
+    lines = _fit_label(draw, two_lines, font, width)
+    assert len(lines) == 2 and " ".join(lines) == two_lines
+    too_long = "x" * 400
+    lines = _fit_label(draw, too_long, font, width)
+    assert len(lines) == CAPTION_LINES and lines[-1].endswith("…")
+    for line in lines + _fit_label(draw, two_lines, font, width):
+        assert draw.textlength(line, font=font) <= width

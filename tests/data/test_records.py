@@ -17,7 +17,7 @@ def _record(rng: np.random.Generator, **overrides) -> records.SliceRecord:
         subject="sub-07",
         session="ses-2",
         modality="FLAIR",
-        source_path="/data/ds/sub-07/ses-2/anat/sub-07_ses-2_FLAIR.nii.gz",
+        source_path="ds/sub-07/ses-2/anat/sub-07_ses-2_FLAIR.nii.gz",
         slice_index=41,
         n_slices=180,
         spacing=(0.9375, 0.9375, 1.2000000000000002),
@@ -77,6 +77,9 @@ def test_decode_rejects_bad_bytes_and_unknown_schema():
     payload = msgpack.unpackb(data, raw=False)
     payload["schema_version"] = 99
     with pytest.raises(records.RecordError, match="schema_version 99"):
+        records.decode(msgpack.packb(payload, use_bin_type=True))
+    payload["schema_version"] = 1  # absolute source paths: shards made before schema 2 are refused
+    with pytest.raises(records.RecordError, match="schema_version 1 is not supported.*prepare the shards again"):
         records.decode(msgpack.packb(payload, use_bin_type=True))
     payload["schema_version"] = records.SCHEMA_VERSION
     payload["height"] += 1

@@ -8,13 +8,13 @@ from apache_beam.io.localfilesystem import LocalFileSystem
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from braindino_jax.data import manifest, records, shards
-from braindino_jax.cli.prep import build_parser, inputs_from_args
 from braindino_jax.data.inputs import InputVolume, discover
 from braindino_jax.preprocessing.config import PrepConfig
 from braindino_jax.preprocessing.phantom import write_phantom
 from braindino_jax.preprocessing.volume import preprocess_volume
 from data_prep.beam_pipeline import _prepare, build_pipeline
 from data_prep.local_runner import RunOptions, run_local
+from data_prep.options import build_parser, inputs_from_args
 
 
 def _read(out):
@@ -80,7 +80,7 @@ def test_csv_and_volumes_at_urls(tmp_path):
     args = build_parser().parse_args(["--csv", url, "--out", str(tmp_path / "out")])
     (volume,) = inputs_from_args(args)[0]
     assert volume == InputVolume(f"{_PrefixedLocalFileSystem.PREFIX}{tmp_path}/imgs/sub-3_T2w.nii.gz",
-                                 "volumes", "S3", "", "T2w")
+                                 "volumes", "S3", "", "T2w", "imgs/sub-3_T2w.nii.gz")
     config = PrepConfig(target_spacing=None, size=32, margin=2)
     result = _prepare((0, volume), RunOptions(out_dir=tmp_path / "out", config=config))
     assert result.row["status"] == manifest.OK, result.row["reason"]

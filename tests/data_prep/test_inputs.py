@@ -32,7 +32,9 @@ def test_discover_roots_and_patterns(tmp_path):
         (tmp_path / "ds" / rel).write_bytes(b"")
     found = discover([f"mine={tmp_path / 'ds'}"], default_modality="MR")
     assert [Path(v.path).name for v in found] == ["sub-01_T2w.nii.gz", "sub-02_T2w.nii", "scan.hdr"]
-    assert found[0] == InputVolume(str(tmp_path / "ds/sub-01/anat/sub-01_T2w.nii.gz"), "mine", "sub-01", "", "T2w")
+    assert found[0] == InputVolume(str(tmp_path / "ds/sub-01/anat/sub-01_T2w.nii.gz"), "mine", "sub-01", "", "T2w",
+                                   "sub-01/anat/sub-01_T2w.nii.gz")
+    assert found[0].source == "mine/sub-01/anat/sub-01_T2w.nii.gz"
     assert (found[2].subject, found[2].modality) == ("scan", "MR")
     assert discover([str(tmp_path / "ds")], ["**/*.nii"])[0].dataset == "ds"
     with pytest.raises(InputError, match="not a directory"):
@@ -43,8 +45,9 @@ def test_csv_overrides_names_and_reports_bad_columns(tmp_path):
     csv_path = tmp_path / "list.csv"
     csv_path.write_text("path,dataset,subject,modality\nimgs/sub-04_T1w.nii.gz,adni,S4,\n/abs/a.nii,,,DWI\n")
     got = read_csv(csv_path)
-    assert got[0] == InputVolume(str(tmp_path / "imgs/sub-04_T1w.nii.gz"), "adni", "S4", "", "T1w")
-    assert got[1] == InputVolume("/abs/a.nii", "list", "a", "", "DWI")
+    assert got[0] == InputVolume(str(tmp_path / "imgs/sub-04_T1w.nii.gz"), "adni", "S4", "", "T1w",
+                                 "imgs/sub-04_T1w.nii.gz")
+    assert got[1] == InputVolume("/abs/a.nii", "list", "a", "", "DWI", "a.nii")
     csv_path.write_text("file,subject\na.nii,1\n")
     with pytest.raises(InputError, match="'path' column"):
         read_csv(csv_path)

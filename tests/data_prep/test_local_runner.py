@@ -42,14 +42,15 @@ def _shard_records(out: Path) -> list[list[records.SliceRecord]]:
     return out_shards
 
 
-def _expected_records(path: Path, dataset: str, subject: str) -> list[records.SliceRecord]:
-    """What the shards must hold for a volume, straight from preprocess_volume."""
+def _expected_records(path: Path, dataset: str, subject: str, root: Path) -> list[records.SliceRecord]:
+    """What the shards must hold for a volume, straight from preprocess_volume; records name
+    the file by its dataset and its path under the root."""
     out = []
     for vol in preprocess_volume(path, CONFIG):
         for pixels, index in zip(vol.slices, vol.slice_indices):
             out.append(records.SliceRecord(
                 pixels=pixels, dataset=dataset, subject=subject, session="", modality="T1w",
-                source_path=str(path), slice_index=int(index), n_slices=vol.n_slices,
+                source_path=f"{dataset}/{path.relative_to(root).as_posix()}", slice_index=int(index), n_slices=vol.n_slices,
                 spacing=vol.spacing, fg_mean=vol.fg_mean, fg_std=vol.fg_std, volume_index=vol.volume_index))
     return out
 
@@ -117,14 +118,18 @@ def test_bad_inputs_are_recorded_and_good_volumes_kept(mixed_run, capsys):
     got = Counter(records.encode(r) for shard in _shard_records(out) for r in shard)
     expected = Counter()
     for i, path in enumerate(good):
-        want = _expected_records(path, "ds", f"sub-{i:02d}")
+        want = _expected_records(path, "ds", f"sub-{i:02d}", mixed_run["inputs"])
         assert by_name[path.name]["status"] == manifest.OK
         assert by_name[path.name]["slices_kept"] == len(want) > 0
         expected.update(records.encode(r) for r in want)
     assert got == expected
 
     card = json.loads((out / "dataset_card.json").read_text())
-    assert card["totals"]["volumes"] == {"ok": 3, "failed": 9, "skipped-excluded": 0, "skipped-duplicate": 1}
+    assert card["totals"]["volumes"] == {"ok": 3, "failed": 9, "skipped": 0, "skipped-excluded": 0,
+                                         "skipped-duplicate": 1}
+    # The last line says why the exit code is 1, with the numbers.
+    assert printed.rstrip().splitlines()[-1] == (
+        "9 of 12 attempted volumes failed (75%), more than --max-failure-fraction 0.2: exit code 1")
     assert card["totals"]["slices"] == sum(expected.values())
     assert card["preprocessing"] == CONFIG.to_dict()
     pixels = np.concatenate([r.pixels.ravel() for s in _shard_records(out) for r in s]).astype(np.float64)
@@ -163,13 +168,33 @@ def test_empty_input_directory_is_a_clear_error(tmp_path, capsys):
     assert not list((tmp_path / "out").glob("slices-*"))
 
 
-def test_bad_options_name_the_field(tmp_path, capsys):
+def test_bad_options_name_the_flag(tmp_path, capsys):
     root = tmp_path / "in"
     root.mkdir()
-    assert prep.main(["--root", str(root), "--out", str(tmp_path / "o"), "--size", "4"]) == 2
-    assert "PrepConfig.size" in capsys.readouterr().err
-    assert prep.main(["--root", str(root), "--out", str(tmp_path / "o"), "--workers", "0"]) == 2
-    assert "workers" in capsys.readouterr().err
+    base = ["--root", str(root), "--out", str(tmp_path / "o")]
+    for flags, message in [
+        (["--size", "4"], "--size: expected an integer >= 8, got 4"),
+        (["--margin", "200"], "--margin: expected an integer in [0, 128) (below half the output size 256), got 200"),
+        (["--shard-size", "0"], "--shard-size: expected a size >= 1, got 0"),
+        (["--workers", "0"], "--workers: expected an integer >= 1, got 0"),
+        (["--max-slice-upsampling", "0.5"], "--max-slice-upsampling: expected None or a number >= 1, got 0.5"),
+    ]:
+        assert prep.main(base + flags) == 2
+        assert capsys.readouterr().err == f"braindino-prep: error: {message}\n"
+
+
+def test_every_validated_field_has_its_flag():
+    """Errors name flags through data_prep.options.FLAGS: every field a check can name is in it."""
+    import dataclasses
+
+    from data_prep.options import FLAGS, build_parser
+
+    fields = {f"PrepConfig.{f.name}" for f in dataclasses.fields(PrepConfig)}
+    fields |= {"workers", "shard_prefix", "target_shard_records", "target_shard_bytes",
+               "max_failure_fraction", "qc_per_dataset", "qc_worst"}
+    assert fields == set(FLAGS)
+    flags = {s for a in build_parser()._actions for s in a.option_strings}
+    assert set(FLAGS.values()) <= flags
 
 
 def test_resume_after_crash_writes_the_same_shards(tmp_path, monkeypatch, capsys):
@@ -196,11 +221,14 @@ def test_resume_after_crash_writes_the_same_shards(tmp_path, monkeypatch, capsys
     assert len(list((resumed / "_work").glob("*.json"))) == 2
     (resumed / "_work" / ".half-written.array_record.tmp-999").write_bytes(b"partial")
     (resumed / ".slices-00000-of-00009.array_record.tmp-999").write_bytes(b"partial")
+    # What a worker killed while writing a shard left before shards were written in place:
+    (resumed / "..slices-00002-of-00020.array_record.tmp-998.tmp-999").write_bytes(b"partial")
 
     monkeypatch.setattr(local_runner, "process_cached", real)
     capsys.readouterr()
-    assert prep.main(base + ["--out", str(resumed)]) == 0
+    assert prep.main(base + ["--out", str(resumed), "--keep-work"]) == 0
     assert "5 ok (2 reused from an earlier run)" in capsys.readouterr().out
+    assert not [p for p in resumed.rglob(".*") if ".tmp-" in p.name]  # the next run cleared them
 
     clean_shards, resumed_shards = _shard_records(tmp_path / "clean"), _shard_records(resumed)
     assert len(clean_shards) == len(resumed_shards) > 1
@@ -225,7 +253,7 @@ def test_subject_exclusion_and_changed_inputs(tmp_path, capsys):
     exclude = tmp_path / "eval_subjects.txt"
     exclude.write_text("# held-out evaluation subjects\nds/sub-01\n")
     argv = ["--root", f"ds={inputs}", "--out", str(tmp_path / "out"), "--workers", "1",
-            "--exclude-subjects", str(exclude), *SMALL]
+            "--exclude-subjects", str(exclude), "--keep-work", *SMALL]
     assert prep.main(argv) == 0
     rows = manifest.read_manifest(tmp_path / "out" / "manifest.jsonl")
     assert [r["status"] for r in rows] == [manifest.OK, manifest.EXCLUDED, manifest.OK]
@@ -236,7 +264,7 @@ def test_subject_exclusion_and_changed_inputs(tmp_path, capsys):
     capsys.readouterr()
     assert prep.main(argv) == 0
     assert "(1 reused from an earlier run)" in capsys.readouterr().out
-    want = Counter(records.encode(r) for r in _expected_records(paths[2], "ds", "sub-02"))
+    want = Counter(records.encode(r) for r in _expected_records(paths[2], "ds", "sub-02", inputs))
     got = Counter(records.encode(r) for s in _shard_records(tmp_path / "out") for r in s if r.subject == "sub-02")
     assert got == want
 

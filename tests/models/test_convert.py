@@ -12,6 +12,7 @@ from flax import nnx
 
 from braindino_jax.cli.convert import main as convert_main
 from braindino_jax.models.convert import (
+    CONFIG_METADATA_KEY,
     CheckpointError,
     backbone_to_meta,
     export_backbone,
@@ -20,6 +21,7 @@ from braindino_jax.models.convert import (
     load_flax_checkpoint,
     meta_key_shapes,
     read_state_dict,
+    save_safetensors,
     timm_to_meta,
 )
 from braindino_jax.models.heads import DINOHead, HeadConfig
@@ -279,3 +281,130 @@ def test_cli_round_trip(tmp_path, capsys):
         np.testing.assert_array_equal(out[key], value)
     assert convert_main(["to-flax", str(tmp_path / "nothing.pth"), str(tmp_path / "x")]) == 2
     assert "nothing.pth: no such file" in capsys.readouterr().err
+
+
+def _small_variance_eva(eps):
+    """A tiny DINOv3 Eva whose tokens have small variance, as trained ones do, so that
+    LayerNorm's epsilon shows in the features."""
+    from functools import partial
+
+    from timm.layers import LayerNorm
+    from timm.models.eva import Eva
+
+    torch.manual_seed(5)
+    model = randomise(Eva(**TINY_EVA, norm_layer=partial(LayerNorm, eps=eps)))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith(("patch_embed", "cls_token", "reg_token")):
+                p.mul_(3e-3)
+    return model
+
+
+def test_norm_eps_follows_the_checkpoint_layout(tmp_path, capsys):
+    """DINOv3 trains with LayerNorm eps 1e-6; a training checkpoint must convert with it (and
+    does match that model), a released-layout file with 1e-5, a stored config with its own."""
+    ref = _small_variance_eva(1e-6)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = ref.forward_features(x).numpy()[:, 0]
+    meta = timm_to_meta(timm_state(ref))
+    path = tmp_path / "teacher_checkpoint.pth"
+    torch.save({"teacher": {f"backbone.{k}": torch.from_numpy(np.array(v)) for k, v in meta.items()}}, path)
+    model, _ = load_backbone(path, num_heads=4)
+    assert model.config.norm_eps == 1e-6
+    assert rel_err(model(to_nhwc(x))["x_norm_clstoken"], want) < 1e-4
+    wrong, _ = load_backbone(path, num_heads=4, norm_eps=1e-5)
+    assert rel_err(wrong(to_nhwc(x))["x_norm_clstoken"], want) > 1e-3  # the error this guards against
+    assert load_backbone(meta, num_heads=4)[0].config.norm_eps == 1e-5  # a released backbone's layout
+    stored = tmp_path / "stored.safetensors"  # as export_backbone writes it, for a model with eps 3e-6
+    save_safetensors(backbone_to_meta(model), stored,
+                     {CONFIG_METADATA_KEY: json.dumps(model.config.replace(norm_eps=3e-6).to_dict())})
+    assert load_backbone(stored)[0].config.norm_eps == 3e-6
+    assert convert_main(["to-flax", str(path), str(tmp_path / "flax"), "--num-heads", "4"]) == 0
+    assert "LayerNorm epsilon 1e-06: a DINOv3 training checkpoint" in capsys.readouterr().out
+
+
+def test_to_flax_into_a_used_folder_is_refused_and_overwrite_replaces_it_safely(tmp_path, capsys, monkeypatch):
+    meta = tiny_meta()
+    src = tmp_path / "src.pth"
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in meta.items()}, src)
+    out = tmp_path / "flax"
+    assert convert_main(["to-flax", str(src), str(out)]) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert convert_main(["to-flax", str(src), str(out), "--norm-eps", "1e-6"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"braindino-convert: error: {out}: the folder exists and is not empty") and "--overwrite" in err
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+    # A save that fails part-way never leaves a config beside weights it does not describe.
+    import orbax.checkpoint as ocp
+
+    def failing_save(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        convert_main(["to-flax", str(src), str(out), "--norm-eps", "1e-6", "--overwrite"])
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_flax_checkpoint(out)
+    monkeypatch.undo()
+    assert convert_main(["to-flax", str(src), str(out), "--norm-eps", "1e-6", "--overwrite"]) == 0
+    model, _ = load_flax_checkpoint(out)
+    assert model.config.norm_eps == 1e-6
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_a_key_bias_the_file_keeps_is_applied():
+    """Under RoPE a key bias changes attention (q . R(p) b_k depends on the key's position): a
+    file whose bias_mask keeps the key third converts to a model that applies it, and matches
+    timm's Eva run with the same k_bias."""
+    from functools import partial
+
+    from timm.layers import LayerNorm
+
+    ref = randomise(_tiny_eva(qkv_bias=True, norm_layer=partial(LayerNorm, eps=1e-5)))
+    with torch.no_grad():
+        for block in ref.blocks:
+            block.attn.k_bias.copy_(torch.randn(block.attn.k_bias.shape, generator=torch.Generator().manual_seed(7)))
+    meta = timm_to_meta(timm_state(ref))
+    for i, block in enumerate(ref.blocks):
+        bias = meta[f"blocks.{i}.attn.qkv.bias"]
+        meta[f"blocks.{i}.attn.qkv.bias"] = np.concatenate([bias[:64], block.attn.k_bias.numpy(), bias[128:]])
+        meta[f"blocks.{i}.attn.qkv.bias_mask"] = np.ones(192, np.float32)
+    x = torch.randn(2, 3, 32, 40, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        want = ref.forward_features(x).numpy()
+    model, _ = load_backbone(meta, num_heads=4)
+    assert not model.config.mask_k_bias
+    out = model(to_nhwc(x))
+    assert rel_err(out["x_norm_clstoken"], want[:, 0]) < 1e-4
+    assert rel_err(out["x_norm_patchtokens"], want[:, 5:]) < 1e-4
+    with pytest.raises(CheckpointError, match="blocks.0.attn.qkv.bias: the file applies a key bias"):
+        load_backbone(meta, model.config.replace(mask_k_bias=True))
+
+
+README_EXAMPLE = "Using the library from Python"
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+    """README's example, as written there: a NIfTI file -> preprocess_volume -> the ViT's input
+    layout -> one CLS feature per volume (with a tiny model saved where the example looks)."""
+    import re
+    from pathlib import Path
+
+    from braindino_jax.models import build_vit, save_flax_checkpoint, vit_config
+    from braindino_jax.preprocessing.phantom import write_phantom
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index(f"## {README_EXAMPLE}"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    config = vit_config("vit_small").replace(embed_dim=32, depth=1, num_heads=2)
+    save_flax_checkpoint("flax_vitb16", build_vit(config))
+    write_phantom(tmp_path / "sub-01_T1w.nii.gz", 0, spacing=(2.0, 2.0, 2.0), skull_stripped=True)
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["images"].shape == (128, 224, 224, 3) and namespace["images"].dtype == np.float32
+    assert namespace["feature"].shape == (32,)
+    assert np.all(np.isfinite(namespace["feature"]))

@@ -13,7 +13,7 @@ from braindino_jax.preprocessing.config import PrepConfig
 from braindino_jax.preprocessing.errors import VolumeError
 from braindino_jax.preprocessing.volume import preprocess_volume
 
-CONFIG = PrepConfig(target_spacing=None, size=48, margin=2)
+CONFIG = PrepConfig(min_extent_mm=0, target_spacing=None, size=48, margin=2)
 
 
 def _save(tmp_path, data, name="v.nii.gz"):
@@ -128,20 +128,20 @@ def test_four_d_policies(tmp_path, blob):
     series = np.stack([blob(seed=s) for s in range(3)], axis=-1).astype(np.int16)
     path = _save(tmp_path, series)
     first = preprocess_volume(path, CONFIG)
-    every = preprocess_volume(path, PrepConfig(target_spacing=None, size=48, margin=2, four_d_policy="all"))
+    every = preprocess_volume(path, PrepConfig(min_extent_mm=0, target_spacing=None, size=48, margin=2, four_d_policy="all"))
     assert [r.volume_index for r in first] == [0]
     assert [r.volume_index for r in every] == [0, 1, 2]
     np.testing.assert_array_equal(first[0].slices, every[0].slices)
     assert not np.array_equal(every[0].slices, every[1].slices)
     assert all(r.source_shape == series.shape for r in every)
     _expect(path, "4D image with 3 volumes and four_d_policy='skip'",
-            PrepConfig(target_spacing=None, size=48, four_d_policy="skip"))
+            PrepConfig(min_extent_mm=0, target_spacing=None, size=48, four_d_policy="skip"))
 
 
 def test_4d_with_an_empty_volume_names_it(tmp_path, blob):
     series = np.stack([blob(), np.zeros(blob().shape)], axis=-1).astype(np.int16)
     _expect(_save(tmp_path, series), r"all voxels are zero \(volume 1 of the 4D series\)",
-            PrepConfig(target_spacing=None, size=48, four_d_policy="all"))
+            PrepConfig(min_extent_mm=0, target_spacing=None, size=48, four_d_policy="all"))
 
 
 def test_no_slice_reaches_the_fraction_threshold(tmp_path):
@@ -169,5 +169,5 @@ def test_scaling_that_overflows_float32_names_the_header_scaling(tmp_path, blob,
     img.header.set_slope_inter(slope, 0.0)
     path = tmp_path / "garbage_slope.nii.gz"
     nib.save(img, path)
-    config = PrepConfig(target_spacing=None, size=48, margin=2, mask_method=mask_method)
+    config = PrepConfig(min_extent_mm=0, target_spacing=None, size=48, margin=2, mask_method=mask_method)
     _expect(path, r"overflow float32 \(is the header's scl_slope/scl_inter sane\?\)", config)

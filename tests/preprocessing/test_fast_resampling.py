@@ -128,10 +128,12 @@ def test_box_values_equal_the_full_grid_and_nothing_is_outside(degrees, kind):
 @pytest.fixture
 def general_path(monkeypatch):
     """Make preprocess_volume resample like before the fast paths: the whole field of view,
-    every input through scipy's affine_transform."""
+    image and mask alike through scipy's affine_transform."""
 
     def use_general_path():
         monkeypatch.setattr(resampling, "_axis_permutation", lambda linear: None)
+        monkeypatch.setattr(volume, "is_separable", lambda mapping: True)  # not the oblique path
+
         def whole_grid(affine, grid, lo, hi, pad):
             return tuple(slice(0, n) for n in grid[1])
 
@@ -161,11 +163,19 @@ CASES = {
         dict(orientation="LAS", oblique_deg=9.0, spacing=(2.4, 2.4, 4.0)),
         PrepConfig(target_spacing=(2.0, 2.0, 2.0), size=112, margin=4),
     ),
+    "phantom_oblique_native_slices": (
+        dict(orientation="LPS", oblique_deg=12.0, spacing=(2.4, 2.4, 5.0)),
+        PrepConfig(target_spacing=(2.0, 2.0, 2.0), size=112, margin=4),
+    ),
+    "raw_head_oblique_otsu": (
+        dict(orientation="RAS", oblique_deg=15.0, spacing=(2.2, 2.2, 2.2), skull_stripped=False),
+        PrepConfig(target_spacing=(2.0, 2.0, 2.0), mask_method="otsu", size=112, margin=4),
+    ),
     "raw_head_otsu_shrunk": (
         dict(orientation="PIR", spacing=(2.0, 2.4, 2.4), skull_stripped=False),
         PrepConfig(target_spacing=(2.2, 2.2, 2.2), mask_method="otsu", size=48, margin=6),
     ),
-    "edge_touching": (None, PrepConfig(target_spacing=(1.0, 1.0, 0.8), size=64, margin=10)),
+    "edge_touching": (None, PrepConfig(target_spacing=(1.0, 1.0, 0.8), size=64, margin=10, min_extent_mm=0)),
 }
 
 

@@ -133,8 +133,8 @@ def test_matching_spacing_skips_resampling(tmp_path, blob):
     nib.save(nib.Nifti1Image(blob().astype(np.int16), np.diag([1.0, 1.0, 1.0, 1.0])), path)
     assert not needs_resampling(np.eye(4), (1.0, 1.0, 1.0))
     assert needs_resampling(np.diag([1.0, 1.0, 1.2, 1.0]), (1.0, 1.0, 1.0))
-    (a,) = preprocess_volume(path, PrepConfig(target_spacing=(1.0, 1.0, 1.0), size=48))
-    (b,) = preprocess_volume(path, PrepConfig(target_spacing=None, size=48))
+    (a,) = preprocess_volume(path, PrepConfig(min_extent_mm=0, target_spacing=(1.0, 1.0, 1.0), size=48))
+    (b,) = preprocess_volume(path, PrepConfig(min_extent_mm=0, target_spacing=None, size=48))
     np.testing.assert_array_equal(a.slices, b.slices)
 
 
@@ -152,7 +152,7 @@ def test_in_plane_framing_keeps_aspect_ratio(tmp_path, rx, ry):
     path = tmp_path / "e.nii"
     nib.save(nib.Nifti1Image(_ellipse_volume(rx, ry).astype(np.int16), np.eye(4)), path)
     size = 96
-    (res,) = preprocess_volume(path, PrepConfig(target_spacing=None, size=size, margin=0))
+    (res,) = preprocess_volume(path, PrepConfig(min_extent_mm=0, target_spacing=None, size=size, margin=0))
     img = res.slices[0] > 0
     rows, cols = np.flatnonzero(img.any(1)), np.flatnonzero(img.any(0))
     height, width = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1  # rows: front-back
@@ -171,7 +171,7 @@ def test_display_orientation_anterior_up_left_on_left(tmp_path):
     data[10:28, 2:38, :] = np.maximum(data[10:28, 2:38, :], 50)
     path = tmp_path / "o.nii"
     nib.save(nib.Nifti1Image(data, np.eye(4)), path)
-    (res,) = preprocess_volume(path, PrepConfig(target_spacing=None, size=64, margin=0))
+    (res,) = preprocess_volume(path, PrepConfig(min_extent_mm=0, target_spacing=None, size=64, margin=0))
     s = res.slices[0]
     bright = np.argwhere(s == 255)
     fg = np.argwhere(s > 0)

@@ -60,7 +60,7 @@ def test_uint8_mapping_reproduces_the_foreground_zscore(tmp_path):
     data[3:27, 3:27, :] = rng.lognormal(3.0, 0.6, size=(24, 24, 12))
     path = tmp_path / "z.nii.gz"
     nib.save(nib.Nifti1Image(data, np.eye(4)), path)
-    config = PrepConfig(target_spacing=None, size=32, margin=1, min_foreground_fraction=0.0)
+    config = PrepConfig(min_extent_mm=0, target_spacing=None, size=32, margin=1, min_foreground_fraction=0.0)
     (res,) = preprocess_volume(path, config)
     fg = data[3:27, 3:27, :].astype(np.float64)
     lo, hi = np.percentile(fg, config.clip_percentiles)
@@ -86,13 +86,13 @@ def test_nan_and_inf_become_background_and_are_counted(tmp_path, blob):
     clean = volume.copy()
     clean[12, 14, 10] = 0.0
     nib.save(nib.Nifti1Image(clean, np.eye(4)), tmp_path / "c.nii.gz")
-    config = PrepConfig(target_spacing=None, size=48, margin=2)
+    config = PrepConfig(min_extent_mm=0, target_spacing=None, size=48, margin=2)
     (d,) = preprocess_volume(tmp_path / "d.nii.gz", config)
     (c,) = preprocess_volume(tmp_path / "c.nii.gz", config)
     assert d.nan_count == 3 and c.nan_count == 0
     np.testing.assert_array_equal(d.slices, c.slices)
     for method in ("otsu", "percentile"):
-        (r,) = preprocess_volume(tmp_path / "d.nii.gz", PrepConfig(target_spacing=None, size=48, mask_method=method))
+        (r,) = preprocess_volume(tmp_path / "d.nii.gz", PrepConfig(min_extent_mm=0, target_spacing=None, size=48, mask_method=method))
         assert r.nan_count == 3 and r.slices.max() == 255
 
 
@@ -143,9 +143,9 @@ def test_slice_selection_threshold_and_uniform_modes():
 def test_uniform_mode_end_to_end(tmp_path, blob):
     path = tmp_path / "u.nii.gz"
     nib.save(nib.Nifti1Image(blob().astype(np.int16), np.eye(4)), path)
-    (res,) = preprocess_volume(path, PrepConfig(target_spacing=None, size=48, n_slices=128))
+    (res,) = preprocess_volume(path, PrepConfig(min_extent_mm=0, target_spacing=None, size=48, n_slices=128))
     assert res.slices.shape == (128, 48, 48) and len(res.slice_indices) == 128
-    (thr,) = preprocess_volume(path, PrepConfig(target_spacing=None, size=48))
+    (thr,) = preprocess_volume(path, PrepConfig(min_extent_mm=0, target_spacing=None, size=48))
     assert res.slice_indices[0] == thr.slice_indices[0] and res.slice_indices[-1] == thr.slice_indices[-1]
     assert res.slices_dropped == res.n_slices - len(np.unique(res.slice_indices))
 

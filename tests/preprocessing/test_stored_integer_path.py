@@ -35,7 +35,7 @@ def _write(tmp_path, dtype, slope, inter, orientation):
 def test_stored_integer_path_equals_float_path(tmp_path, monkeypatch, dtype, slope, inter, orientation, target):
     path = _write(tmp_path, dtype, slope, inter, orientation)
     assert loading.load_volume(path).stored_zero() is not None  # the fast path is taken
-    config = PrepConfig(target_spacing=target, size=48, margin=2)
+    config = PrepConfig(min_extent_mm=0, target_spacing=target, size=48, margin=2)
     fast = preprocess_volume(path, config)
     monkeypatch.setattr(loading.LoadedVolume, "stored_zero", lambda self: None)
     slow = preprocess_volume(path, config)
