@@ -18,8 +18,10 @@ Per crop, in this order (all in float32):
      (uint8 units): `z = (255 r - fg_mean) / fg_std` on the foreground.
 
 Against DINOv3 (`dinov3/data/augmentations.py`, `transforms.py`), choice by choice:
-  - Bicubic resampling (antialiased), as its RandomResizedCrop: MRI gives no reason to differ,
-    and on this backend it costs what bilinear costs (the resampler is a dense matmul).
+  - Bicubic resampling (antialiased), as its RandomResizedCrop (PIL's bicubic, which this
+    matches): MRI gives no reason to differ. It costs about 10% more augmentation time than
+    bilinear on CPU, where augmentation is 0.17% of a train step's FLOPs
+    (benchmarks/input_throughput.py).
   - Blur probabilities (0, 0.9, 0.5) for (global 1, global 2, each local): DINOv3's
     `GaussianBlur(p)` passes `1 - p` to `RandomApply`, so its released models ran these, not
     the paper's (1, 0.1, 0.5). We run what produced the published features; it also leaves the

@@ -103,8 +103,9 @@ def sample_block_mask(rng: np.random.Generator, grid: tuple[int, int], n_target:
         if added == 0:
             break
         count += added
-    flat = mask.reshape(-1)
-    flat[rng.choice(np.flatnonzero(~flat), size=n_target - count, replace=False)] = True
+    if count < n_target:  # rare (about 0.1% of the patches): skip the draw otherwise
+        flat = mask.reshape(-1)
+        flat[rng.choice(np.flatnonzero(~flat), size=n_target - count, replace=False)] = True
     return mask
 
 
