@@ -285,14 +285,21 @@ def _monomials(order: int) -> list[tuple[int, int]]:
 
 def _bias_field(coeffs: jax.Array, box: jax.Array, size: int, height: int, width: int,
                 order: int) -> jax.Array:
-    """exp(polynomial) evaluated at the crop's pixel centres in slice coordinates [-1, 1]."""
+    """exp(polynomial) evaluated at the crop's pixel centres in slice coordinates [-1, 1].
+
+    The polynomial is Y C X^T with the powers Y = [y^i], X = [x^j] and C[i, j] the
+    coefficient of y^i x^j: two small matmuls instead of one [size, size] map per term.
+    """
     top, left, box_h, box_w = box[0], box[1], box[2], box[3]
     centres = (jnp.arange(size, dtype=jnp.float32) + 0.5) / size
     ys = (top + centres * box_h) / height * 2 - 1
     xs = (left + centres * box_w) / width * 2 - 1
-    log_field = jnp.zeros((size, size), jnp.float32)
-    for c, (i, j) in zip(coeffs, _monomials(order)):
-        log_field = log_field + c * (ys[:, None] ** i) * (xs[None, :] ** j)
+    powers = jnp.arange(order + 1, dtype=jnp.float32)
+    rows, cols = zip(*_monomials(order)) if order else ((), ())
+    table = jnp.zeros((order + 1, order + 1), jnp.float32).at[list(rows), list(cols)].set(coeffs)
+    highest = jax.lax.Precision.HIGHEST
+    log_field = jnp.matmul(jnp.matmul(ys[:, None] ** powers, table, precision=highest),
+                           (xs[:, None] ** powers).T, precision=highest)
     return jnp.exp(log_field)
 
 
