@@ -295,9 +295,11 @@ def _bias_field(coeffs: jax.Array, box: jax.Array, size: int, height: int, width
     ys = (top + centres * box_h) / height * 2 - 1
     xs = (left + centres * box_w) / width * 2 - 1
     powers = jnp.arange(order + 1, dtype=jnp.float32)
-    rows, cols = zip(*_monomials(order)) if order else ((), ())
-    table = jnp.zeros((order + 1, order + 1), jnp.float32).at[list(rows), list(cols)].set(coeffs)
+    terms = _monomials(order)
+    place = np.zeros((len(terms), (order + 1) ** 2), np.float32)  # coefficient -> C[i, j]
+    place[np.arange(len(terms)), [i * (order + 1) + j for i, j in terms]] = 1.0
     highest = jax.lax.Precision.HIGHEST
+    table = jnp.matmul(coeffs, place, precision=highest).reshape(order + 1, order + 1)
     log_field = jnp.matmul(jnp.matmul(ys[:, None] ** powers, table, precision=highest),
                            (xs[:, None] ** powers).T, precision=highest)
     return jnp.exp(log_field)
