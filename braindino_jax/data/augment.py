@@ -25,15 +25,16 @@ Against DINOv3 (`dinov3/data/augmentations.py`, `transforms.py`), choice by choi
   - Blur probabilities (0, 0.9, 0.5) for (global 1, global 2, each local): DINOv3's
     `GaussianBlur(p)` passes `1 - p` to `RandomApply`, so its released models ran these, not
     the paper's (1, 0.1, 0.5). We run what produced the published features; it also leaves the
-    teacher one unblurred global view, which fine MRI texture needs. Kernel as DINOv3: 9 taps,
+    teacher one global view with its fine texture intact. Kernel as DINOv3: 9 taps,
     sigma ~ U(0.1, 2) output pixels, reflect padding; we blur over the foreground only.
   - Solarisation of global crop 2 with p = 0.2 at 128/255, as DINOv3 (`RandomSolarize`).
-    Inverting the bright half of the range mimics the reversed tissue order between T1 and
-    T2/FLAIR, an invariance MRI features can use; background stays empty.
+    MRI gives no reason to drop it: the order of tissue brightness is a property of the
+    contrast (T1 and T2 reverse it), not of the anatomy the features should describe.
+    Background stays empty.
   - Colour jitter and grayscale have no MRI meaning. The bias field, brightness/contrast, gamma
-    and noise stand in for them, each drawn per crop as DINOv3 draws its jitter, so teacher and
-    student never share one intensity distortion (`bias_field_per_crop=False` shares the field
-    over a sample's crops, as one scan has one field).
+    and noise stand in for them, each drawn per crop as DINOv3 draws its jitter, so two views
+    compared by the losses never share one intensity distortion (`bias_field_per_crop=False`
+    shares the field over a sample's crops, as one scan has one field).
   - Not in DINOv3: crops of (almost) pure background are re-drawn. A natural image has no
     empty part, a brain slice is mostly empty; such crops teach nothing.
   - No upper clip: the bias field and the contrast jitter may take intensities above 1 and
