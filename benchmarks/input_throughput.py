@@ -1,15 +1,23 @@
-"""Input throughput: host slices/s per worker, device augmentation cost, host vs device masks.
+"""Input throughput: host slices/s per worker, device augmentation cost, host vs device masks,
+and how many crops are background.
 
-    python benchmarks/input_throughput.py                  # defaults, about 1-2 minutes on CPU
+    python benchmarks/input_throughput.py                  # defaults, about 3-5 minutes on CPU
     python benchmarks/input_throughput.py --aug-batch 128 --slices 4096
+    python benchmarks/input_throughput.py --foreground-shards '/data/shards/*.array_record'
 
 Prints one JSON object:
 - host: read + decode + batch slices/s in one process and one thread (= one Grain worker,
   one core), without and with host iBOT masks, plus the share of the time in each stage;
 - augment: `augment_batch` seconds per batch on the default JAX backend, its FLOPs from XLA's
   cost analysis, and that as a fraction of a ViT-B/16 DINOv3 train step on the same batch;
+  `variants_seconds_per_batch` times bilinear resampling and crops without the background
+  re-draw on the same batch;
 - masks: host (numpy, `masking.sample_masks`) vs device (a jax.lax while-loop port of the
-  same block-masking rule, benchmark-only) seconds per batch of 2 * batch global crops.
+  same block-masking rule, benchmark-only) seconds per batch of 2 * batch global crops;
+- crop_foreground: on the demo shards (`braindino-prep --demo`, made in a temporary folder)
+  or `--foreground-shards`, the fraction of default-size crops with < 10% (and < 1%)
+  foreground, without (`min_foreground_fraction=0`, the old sampler) and with the re-draw,
+  from the same slices and keys.
 
 ViT-B/16 train-step FLOPs, counted analytically per image (multiply-add = 2 FLOPs):
   block(n)   = 12 layers * (24 n D^2 + 4 n^2 D)         qkv + proj + MLP(4D), QK^T and AV
@@ -24,7 +32,10 @@ ViT-B/16 train-step FLOPs, counted analytically per image (multiply-add = 2 FLOP
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import functools
+import io
 import json
 import tempfile
 import time
@@ -36,6 +47,7 @@ import numpy as np
 import scipy.ndimage
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
+from braindino_jax.cli import prep
 from braindino_jax.data import masking, records
 from braindino_jax.data.augment import AugmentConfig, augment_batch
 from braindino_jax.data.pipeline import PipelineConfig, host_dataset
@@ -123,26 +135,25 @@ def time_call(fn, *args, repeats: int) -> float:
 
 
 def device_block_masks(key, batch: int, grid=GRID, probability=0.5, ratio_range=(0.1, 0.5)):
-    """jax port of masking.sample_masks' rule (stratified targets, rectangles until the
-    target, MAX_ATTEMPTS failed draws end a mask), for timing the on-device option only.
+    """jax port of masking.sample_masks' rule (DINOv3's exact stratified counts, rectangles
+    while one fits, MAX_ATTEMPTS failed draws end them, then a random top-up to the count),
+    for timing the on-device option only.
 
-    It takes its constants and ratio edges from `masking`; the loop itself is a traced
+    It takes its constants and counts from `masking`; the loop itself is a traced
     while-loop, a second implementation the library has no use for (masks are made on the
     host), so it lives here rather than in `masking`.
     """
     gh, gw = grid
     n_patches = gh * gw
     max_block = int(masking.MAX_BLOCK_FRACTION * n_patches)
-    edges = masking.ratio_edges(batch, probability, ratio_range)
-    lo = np.zeros(batch, np.float32)
-    hi = np.zeros(batch, np.float32)
-    lo[:len(edges) - 1], hi[:len(edges) - 1] = edges[:-1], edges[1:]
+    counts = masking.mask_counts(batch, grid, probability, ratio_range)
+    targets = np.zeros(batch, np.float32)
+    targets[:len(counts)] = counts
     rows, cols = np.arange(gh)[:, None], np.arange(gw)[None, :]
     log_aspect = np.log(np.array(masking.ASPECT_RATIO_RANGE, np.float32))
 
-    def one(key, lo, hi):
-        key, k_target = jax.random.split(key)
-        target = jnp.floor(n_patches * jax.random.uniform(k_target, minval=lo, maxval=hi))
+    def one(key, target):
+        key, k_top_up = jax.random.split(key)
 
         def cond(state):
             _, count, fails, _ = state
@@ -168,11 +179,57 @@ def device_block_masks(key, batch: int, grid=GRID, probability=0.5, ratio_range=
                     jnp.where(ok, 0, fails + 1), key)
 
         state = (jnp.zeros(grid, bool), jnp.float32(0), 0, key)
-        return jax.lax.while_loop(cond, body, state)[0].reshape(-1)
+        mask, count, _, _ = jax.lax.while_loop(cond, body, state)
+        mask = mask.reshape(-1)
+        # Top-up: the (target - count) unmasked patches of highest random score.
+        score = jnp.where(mask, -1.0, jax.random.uniform(k_top_up, (n_patches,)))
+        missing = (target - count).astype(jnp.int32)
+        kth = jnp.sort(score)[jnp.clip(n_patches - missing, 0, n_patches - 1)]
+        return mask | ((score >= kth) & (missing > 0))
 
     k_masks, k_perm = jax.random.split(key)
-    masks = jax.vmap(one)(jax.random.split(k_masks, batch), lo, hi)
+    masks = jax.vmap(one)(jax.random.split(k_masks, batch), jnp.asarray(targets))
     return masks[jax.random.permutation(k_perm, batch)]
+
+
+def demo_shards(directory: Path) -> str:
+    """The demo corpus through the real data prep (`braindino-prep --demo`), quietly."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = prep.main(["--demo", "--out", str(directory), "--workers", "1"])
+    if code != 0:
+        raise RuntimeError(f"braindino-prep --demo failed with exit code {code}")
+    return str(directory / "slices-*.array_record")
+
+
+def crop_foreground(pattern: str, batch: int, n_batches: int) -> dict:
+    """Foreground fraction of default-size crops of real slices, without and with the re-draw."""
+    sentinel = -1e4  # a background value no z-score reaches: the crop's foreground is exact
+    base = dataclasses.replace(AugmentConfig(), background=sentinel, channels=1)
+    config = PipelineConfig(shards=(pattern,), batch_size=batch, image_size=SIZE, seed=0,
+                            read_threads=0, mask_grid=None)
+    iterator = iter(host_dataset(config, process_index=0, process_count=1))
+    batches = [next(iterator) for _ in range(n_batches)]
+    iterator.close()
+    result = {"slices": batch * n_batches,
+              "slice_foreground_mean": round(float(np.mean([(b["pixels"] > 0).mean()
+                                                            for b in batches])), 4)}
+    for label, minimum in (("without_redraw", 0.0), ("with_redraw", base.min_foreground_fraction)):
+        augment = jax.jit(functools.partial(
+            augment_batch, config=dataclasses.replace(base, min_foreground_fraction=minimum)))
+        fractions = {"global": [], "local": []}
+        for i, b in enumerate(batches):
+            views = augment(jax.random.key(i), b["pixels"], b["fg_mean"], b["fg_std"])
+            for name, values in fractions.items():
+                values.append((np.asarray(views[name][..., 0]) != sentinel).mean(axis=(2, 3)))
+        stats = {"min_foreground_fraction": minimum}
+        for name, values in fractions.items():
+            values = np.concatenate(values).ravel()
+            stats[f"{name}_crops"] = int(values.size)
+            stats[f"{name}_below_10pct"] = round(float(np.mean(values < 0.1)), 4)
+            stats[f"{name}_below_1pct"] = round(float(np.mean(values < 0.01)), 4)
+            stats[f"{name}_mean_foreground"] = round(float(values.mean()), 4)
+        result[label] = stats
+    return result
 
 
 def main() -> None:
@@ -181,7 +238,10 @@ def main() -> None:
     parser.add_argument("--host-batch", type=int, default=128)
     parser.add_argument("--host-batches", type=int, default=12)
     parser.add_argument("--aug-batch", type=int, default=128)
-    parser.add_argument("--aug-repeats", type=int, default=2)
+    parser.add_argument("--aug-repeats", type=int, default=3)
+    parser.add_argument("--foreground-shards", default=None,
+                        help="shards for crop_foreground (default: the demo, made here)")
+    parser.add_argument("--foreground-batches", type=int, default=4, help="batches of 32 slices")
     args = parser.parse_args()
 
     result: dict = {"backend": jax.default_backend(), "device": str(jax.devices()[0])}
@@ -206,12 +266,29 @@ def main() -> None:
     rng = np.random.default_rng(0)
     pixels = jnp.asarray(rng.integers(0, 256, (b, SIZE, SIZE), dtype=np.uint8))
     stats = jnp.full((b,), 100.0), jnp.full((b,), 30.0)
-    augment = jax.jit(functools.partial(augment_batch, config=config))
-    compiled = augment.lower(jax.random.key(0), pixels, *stats).compile()
-    cost = compiled.cost_analysis()
+
+    def compiled_augment(config):
+        augment = jax.jit(functools.partial(augment_batch, config=config))
+        return augment.lower(jax.random.key(0), pixels, *stats).compile()
+
+    compiled = {"default": compiled_augment(config)}
+    cost = compiled["default"].cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     aug_flops = float(cost.get("flops", float("nan")))
-    seconds = time_call(compiled, jax.random.key(0), pixels, *stats, repeats=args.aug_repeats)
+    for name, change in (("bilinear", {"interpolation": "bilinear"}),
+                         ("no_background_redraw", {"min_foreground_fraction": 0.0})):
+        compiled[name] = compiled_augment(dataclasses.replace(config, **change))
+    # Interleaved repeats, median per variant: a shared machine's load hits all alike.
+    times = {name: [] for name in compiled}
+    for fn in compiled.values():
+        jax.block_until_ready(fn(jax.random.key(0), pixels, *stats))
+    for _ in range(args.aug_repeats):
+        for name, fn in compiled.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(jax.random.key(0), pixels, *stats))
+            times[name].append(time.perf_counter() - start)
+    seconds = float(np.median(times.pop("default")))
+    variants = {name: round(float(np.median(t)), 4) for name, t in times.items()}
 
     host_masks = masking.sample_masks(np.random.default_rng(0), 2 * b, GRID)
     mean_masked = host_masks.sum() / (2 * b)
@@ -221,6 +298,7 @@ def main() -> None:
         "global": [2, config.global_size], "local": [config.n_local, config.local_size],
         "seconds_per_batch": round(seconds, 4),
         "images_per_s": round(b / seconds, 1),
+        "variants_seconds_per_batch": variants,
         "xla_flops_per_batch": aug_flops,
         "vit_b16_train_step_flops_per_batch": step_flops,
         "fraction_of_train_step_flops": aug_flops / step_flops,
@@ -242,6 +320,10 @@ def main() -> None:
         "device_mean_masked_patches": round(float(device_masks.sum() / (2 * b)), 2),
         "faster": "host" if host_s < device_s else "device",
     }
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pattern = args.foreground_shards or demo_shards(Path(tmp))
+        result["crop_foreground"] = crop_foreground(pattern, 32, args.foreground_batches)
     print(json.dumps(result, indent=2))
 
 

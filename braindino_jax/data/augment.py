@@ -3,17 +3,43 @@
 The host only ships fixed-size uint8 slices with their foreground statistics; everything
 random happens here, inside `jit`, so a host with few cores per chip never starves the step.
 
-Per sample, in this order (all in float32):
-  1. random-resized crops (torchvision semantics, continuous boxes) of the slice and of its
-     foreground mask, resampled with `jax.image.scale_and_translate` and normalised by the
-     resampled mask (as is the blur), so the brain's edge is not darkened by background;
-  2. a left-right flip;
-  3. a smooth multiplicative bias field, shared by all crops of a sample (it is a property of
-     the scan) and evaluated at each crop's slice coordinates;
-  4. brightness/contrast, then gamma, on intensities scaled to [0, 1];
-  5. Gaussian blur with DINO's asymmetric probabilities, then Gaussian noise;
+Per crop, in this order (all in float32):
+  1. a random-resized crop box (torchvision semantics, continuous boxes). Its position is
+     re-drawn, up to `foreground_tries` times, while the box holds less than
+     `min_foreground_fraction` foreground; the slice and its foreground mask are resampled with
+     `jax.image.scale_and_translate` and normalised by the resampled mask (as is the blur), so
+     the brain's edge is not darkened by background;
+  2. a smooth multiplicative bias field, drawn per crop, scaled so that the crop's mean
+     foreground intensity is unchanged;
+  3. brightness/contrast, then gamma, on intensities in [0, 1] units;
+  4. Gaussian blur, solarisation, Gaussian noise;
+  5. a left-right flip;
   6. the BrainDINO foreground z-score from the record's stored `fg_mean`/`fg_std`
      (uint8 units): `z = (255 r - fg_mean) / fg_std` on the foreground.
+
+Against DINOv3 (`dinov3/data/augmentations.py`, `transforms.py`), choice by choice:
+  - Bicubic resampling (antialiased), as its RandomResizedCrop (PIL's bicubic, which this
+    matches): MRI gives no reason to differ. It costs about 10% more augmentation time than
+    bilinear on CPU, where augmentation is 0.17% of a train step's FLOPs
+    (benchmarks/input_throughput.py).
+  - Blur probabilities (0, 0.9, 0.5) for (global 1, global 2, each local): DINOv3's
+    `GaussianBlur(p)` passes `1 - p` to `RandomApply`, so its released models ran these, not
+    the paper's (1, 0.1, 0.5). We run what produced the published features; it also leaves the
+    teacher one global view with its fine texture intact. Kernel as DINOv3: 9 taps,
+    sigma ~ U(0.1, 2) output pixels, reflect padding; we blur over the foreground only.
+  - Solarisation of global crop 2 with p = 0.2 at 128/255, as DINOv3 (`RandomSolarize`).
+    MRI gives no reason to drop it: the order of tissue brightness is a property of the
+    contrast (T1 and T2 reverse it), not of the anatomy the features should describe.
+    Background stays empty.
+  - Colour jitter and grayscale have no MRI meaning. The bias field, brightness/contrast, gamma
+    and noise stand in for them, each drawn per crop as DINOv3 draws its jitter, so two views
+    compared by the losses never share one intensity distortion (`bias_field_per_crop=False`
+    shares the field over a sample's crops, as one scan has one field).
+  - Not in DINOv3: crops of (almost) pure background are re-drawn. A natural image has no
+    empty part, a brain slice is mostly empty; such crops teach nothing.
+  - No upper clip: the bias field and the contrast jitter may take intensities above 1 and
+    they stay ordered (a clip at 1 turned bright white matter into one flat plateau). Only
+    negatives are clipped, because gamma needs r >= 0.
 
 Background (the crop's resampled foreground mask < 0.5) is set to `background`, 0.0 by
 default: storage keeps background at 0 (skull-stripped), and nnU-Net-style masked z-scoring
@@ -36,7 +62,10 @@ _DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
-    """Multi-crop and intensity settings; defaults follow DINOv3/BrainDINO (see DESIGN.md)."""
+    """Multi-crop and intensity settings; defaults follow DINOv3/BrainDINO (see DESIGN.md).
+
+    `*_probs` triples are (global crop 1, global crop 2, each local crop).
+    """
 
     global_size: int = 224
     local_size: int = 96
@@ -44,18 +73,24 @@ class AugmentConfig:
     global_scale: tuple[float, float] = (0.32, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.32)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    interpolation: str = "bilinear"
+    interpolation: str = "bicubic"
+    min_foreground_fraction: float = 0.1  # of the crop box; re-drawn below this
+    foreground_tries: int = 10            # positions tried; else the one with most foreground
     flip_prob: float = 0.5
     bias_field_prob: float = 0.3
     bias_field_coefficient: float = 0.3   # polynomial coefficients ~ U[-c, c] of log-field
     bias_field_order: int = 3
+    bias_field_per_crop: bool = True
     brightness_contrast_prob: float = 0.8
     brightness: float = 0.1               # additive shift ~ U[-b, b], intensities in [0, 1]
     contrast: float = 0.25                # factor ~ U[1 - c, 1 + c] around the foreground mean
     gamma_prob: float = 0.3
     gamma_range: tuple[float, float] = (0.7, 1.5)   # log-uniform
-    blur_probs: tuple[float, float, float] = (1.0, 0.1, 0.5)  # global 1, global 2, each local
-    blur_sigma: tuple[float, float] = (0.1, 2.0)    # pixels of the output crop, as DINO
+    blur_probs: tuple[float, float, float] = (0.0, 0.9, 0.5)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)    # pixels of the output crop, as DINOv3
+    blur_kernel_size: int = 9
+    solarize_probs: tuple[float, float, float] = (0.0, 0.2, 0.0)
+    solarize_threshold: float = 128 / 255           # r >= this becomes 1 - r
     noise_prob: float = 0.2
     noise_std: tuple[float, float] = (0.0, 0.05)    # intensities in [0, 1]
     background: float = 0.0
@@ -76,7 +111,7 @@ class AugmentConfig:
         def fail(field: str, reason: str) -> None:
             raise ValueError(f"AugmentConfig.{field}: {reason}")
 
-        for field in ("global_size", "local_size"):
+        for field in ("global_size", "local_size", "foreground_tries"):
             if getattr(self, field) < 1:
                 fail(field, f"must be >= 1, got {getattr(self, field)}")
         if self.n_local < 0:
@@ -99,19 +134,25 @@ class AugmentConfig:
                 fail(field, f"need 0 <= lo <= hi, got {(lo, hi)}")
         if self.blur_sigma[0] <= 0:
             fail("blur_sigma", f"lower bound must be > 0, got {self.blur_sigma}")
+        if self.blur_kernel_size < 3 or self.blur_kernel_size % 2 == 0:
+            fail("blur_kernel_size", f"must be odd and >= 3, got {self.blur_kernel_size}")
+        for field in ("blur_probs", "solarize_probs"):
+            if len(getattr(self, field)) != 3:
+                fail(field, f"need 3 values (global 1, global 2, locals), got {getattr(self, field)}")
         probs = {
             "flip_prob": self.flip_prob,
             "bias_field_prob": self.bias_field_prob,
             "brightness_contrast_prob": self.brightness_contrast_prob,
             "gamma_prob": self.gamma_prob,
             "noise_prob": self.noise_prob,
+            "min_foreground_fraction": self.min_foreground_fraction,
+            "solarize_threshold": self.solarize_threshold,
         }
-        probs.update({f"blur_probs[{i}]": p for i, p in enumerate(self.blur_probs)})
+        for field in ("blur_probs", "solarize_probs"):
+            probs.update({f"{field}[{i}]": p for i, p in enumerate(getattr(self, field))})
         for field, p in probs.items():
             if not 0 <= p <= 1:
-                fail(field, f"probability must be in [0, 1], got {p}")
-        if len(self.blur_probs) != 3:
-            fail("blur_probs", f"need 3 values (global 1, global 2, locals), got {self.blur_probs}")
+                fail(field, f"must be in [0, 1], got {p}")
         if self.interpolation not in _METHODS:
             fail("interpolation", f"must be one of {_METHODS}, got {self.interpolation!r}")
         if self.channels not in (1, 3):
@@ -126,14 +167,43 @@ class AugmentConfig:
             fail("contrast", f"need 0 <= contrast < 1, got {self.contrast}")
 
 
-_CROP_TRIES = 10
-_N_BOX_UNIFORMS = 2 * _CROP_TRIES + 2
+_CROP_TRIES = 10  # (area, aspect ratio) draws before the centred fallback, as torchvision
+
+
+def _n_box_uniforms(position_tries: int) -> int:
+    return 2 * _CROP_TRIES + 2 * position_tries
+
+
+def _overlap(start: jax.Array, length: jax.Array, n: int) -> jax.Array:
+    """[..., n] length of [start, start + length) inside each pixel [i, i + 1)."""
+    edges = jnp.arange(n, dtype=jnp.float32)
+    lo = jnp.maximum(edges, start[..., None])
+    hi = jnp.minimum(edges + 1, (start + length)[..., None])
+    return jnp.maximum(hi - lo, 0.0)
+
+
+def _box_foreground(mask: jax.Array, top, left, box_h, box_w) -> jax.Array:
+    """Exact foreground fraction of continuous boxes [top, top + h) x [left, left + w).
+
+    The mask is constant on each pixel, so the covered area is the separable sum of the
+    box's overlap with each pixel row and column: two small matmuls, no gathers.
+    """
+    rows = _overlap(top, jnp.broadcast_to(box_h, top.shape), mask.shape[0])
+    cols = _overlap(left, jnp.broadcast_to(box_w, left.shape), mask.shape[1])
+    area = jnp.sum(jnp.matmul(rows, mask, precision=jax.lax.Precision.HIGHEST) * cols, axis=-1)
+    return area / (box_h * box_w)
 
 
 def _crop_box_from_uniforms(
-    u: jax.Array, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float]
+    u: jax.Array,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    foreground: jax.Array | None = None,
+    min_foreground: float = 0.0,
 ) -> jax.Array:
-    """Box from `2 * _CROP_TRIES + 2` uniforms in [0, 1) (see `sample_crop_box`)."""
+    """Box from `_n_box_uniforms(tries)` uniforms in [0, 1) (see `sample_crop_box`)."""
     area = float(height * width)
     s = scale[0] + (scale[1] - scale[0]) * u[:_CROP_TRIES]
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
@@ -153,9 +223,18 @@ def _crop_box_from_uniforms(
     any_fits = jnp.any(fits)
     box_h = jnp.where(any_fits, h[first], fallback_h)
     box_w = jnp.where(any_fits, w[first], fallback_w)
-    top = u[2 * _CROP_TRIES] * (height - box_h)
-    left = u[2 * _CROP_TRIES + 1] * (width - box_w)
-    return jnp.stack([top, left, box_h, box_w]).astype(jnp.float32)
+
+    # Positions: the first with enough foreground, else the one with the most. The box size
+    # is drawn once, so the area and aspect-ratio laws are those of torchvision exactly.
+    positions = u[2 * _CROP_TRIES:].reshape(-1, 2)
+    tops = positions[:, 0] * (height - box_h)
+    lefts = positions[:, 1] * (width - box_w)
+    pick = 0
+    if foreground is not None and min_foreground > 0:
+        fraction = _box_foreground(foreground, tops, lefts, box_h, box_w)
+        enough = fraction >= min_foreground
+        pick = jnp.where(jnp.any(enough), jnp.argmax(enough), jnp.argmax(fraction))
+    return jnp.stack([tops[pick], lefts[pick], box_h, box_w]).astype(jnp.float32)
 
 
 def sample_crop_box(
@@ -164,16 +243,24 @@ def sample_crop_box(
     width: int,
     scale: tuple[float, float],
     ratio: tuple[float, float],
+    foreground: jax.Array | None = None,
+    min_foreground: float = 0.0,
+    position_tries: int = 10,
 ) -> jax.Array:
     """Random-resized-crop box `[top, left, h, w]` (float32 pixels), torchvision semantics.
 
     Area fraction ~ U(scale), aspect ratio w/h log-uniform in `ratio`; the first of ten
     candidates that fits is used, else a centred crop with the ratio clamped. Boxes are
     continuous (not rounded): the resampler handles sub-pixel boxes, and the area law holds
-    exactly instead of up to rounding.
+    exactly instead of up to rounding. With a `foreground` mask [height, width], the box's
+    position is the first of `position_tries` uniform draws whose foreground fraction is at
+    least `min_foreground`, else the draw with the most foreground (a bounded, static-shape
+    rejection sampler; the size law is unchanged).
     """
-    u = jax.random.uniform(key, (_N_BOX_UNIFORMS,))
-    return _crop_box_from_uniforms(u, height, width, scale, ratio)
+    if foreground is not None:
+        foreground = jnp.asarray(foreground, jnp.float32)
+    u = jax.random.uniform(key, (_n_box_uniforms(position_tries),))
+    return _crop_box_from_uniforms(u, height, width, scale, ratio, foreground, min_foreground)
 
 
 def crop_resize(image: jax.Array, box: jax.Array, size: int, method: str) -> jax.Array:
@@ -193,20 +280,36 @@ def crop_resize(image: jax.Array, box: jax.Array, size: int, method: str) -> jax
 
 
 def _monomials(order: int) -> list[tuple[int, int]]:
-    return [(i, j) for i in range(order + 1) for j in range(order + 1 - i)]
+    """Exponents (i, j) of y^i x^j up to `order`, without the constant (brightness) term."""
+    return [(i, j) for i in range(order + 1) for j in range(order + 1 - i) if i + j > 0]
 
 
 def _bias_field(coeffs: jax.Array, box: jax.Array, size: int, height: int, width: int,
                 order: int) -> jax.Array:
-    """exp(polynomial) evaluated at the crop's pixel centres in slice coordinates [-1, 1]."""
+    """exp(polynomial) evaluated at the crop's pixel centres in slice coordinates [-1, 1].
+
+    The polynomial is Y C X^T with the powers Y = [y^i], X = [x^j] and C[i, j] the
+    coefficient of y^i x^j: two small matmuls instead of one [size, size] map per term.
+    """
     top, left, box_h, box_w = box[0], box[1], box[2], box[3]
     centres = (jnp.arange(size, dtype=jnp.float32) + 0.5) / size
     ys = (top + centres * box_h) / height * 2 - 1
     xs = (left + centres * box_w) / width * 2 - 1
-    log_field = jnp.zeros((size, size), jnp.float32)
-    for c, (i, j) in zip(coeffs, _monomials(order)):
-        log_field = log_field + c * (ys[:, None] ** i) * (xs[None, :] ** j)
+    powers = jnp.arange(order + 1, dtype=jnp.float32)
+    terms = _monomials(order)
+    place = np.zeros((len(terms), (order + 1) ** 2), np.float32)  # coefficient -> C[i, j]
+    place[np.arange(len(terms)), [i * (order + 1) + j for i, j in terms]] = 1.0
+    highest = jax.lax.Precision.HIGHEST
+    table = jnp.matmul(coeffs, place, precision=highest).reshape(order + 1, order + 1)
+    log_field = jnp.matmul(jnp.matmul(ys[:, None] ** powers, table, precision=highest),
+                           (xs[:, None] ** powers).T, precision=highest)
     return jnp.exp(log_field)
+
+
+def _bias_coefficients(u: jax.Array, config: AugmentConfig) -> jax.Array:
+    """Log-field coefficients from `len(_monomials) + 1` uniforms; all 0 when not applied."""
+    coeffs = config.bias_field_coefficient * (2 * u[1:] - 1)
+    return jnp.where(u[0] < config.bias_field_prob, coeffs, 0.0)
 
 
 def _blur_matrix(size: int, sigma: jax.Array, radius: int) -> jax.Array:
@@ -234,13 +337,18 @@ def _masked_blur(image: jax.Array, fg: jax.Array, sigma: jax.Array, radius: int)
     return jnp.where(fg, blurred / jnp.maximum(coverage, 1e-6), image)
 
 
+_N_SCALARS = 11  # per-crop uniforms after the box: see _augment_crop
+
+
 def _augment_crop(
     key: jax.Array,
     stacked: jax.Array,
+    foreground: jax.Array | None,
     fg_mean: jax.Array,
     fg_std: jax.Array,
-    bias_coeffs: jax.Array,
+    shared_bias: jax.Array,
     blur_prob: jax.Array,
+    solarize_prob: jax.Array,
     size: int,
     scale: tuple[float, float],
     config: AugmentConfig,
@@ -249,9 +357,13 @@ def _augment_crop(
     height, width = stacked.shape[:2]
     k_uniform, k_noise = jax.random.split(key)
     # One draw of all scalar uniforms per crop: far fewer PRNG ops to compile than a key each.
-    u = jax.random.uniform(k_uniform, (_N_BOX_UNIFORMS + 10,))
-    box = _crop_box_from_uniforms(u[:_N_BOX_UNIFORMS], height, width, scale, config.ratio)
-    u = u[_N_BOX_UNIFORMS:]
+    n_box = _n_box_uniforms(config.foreground_tries)
+    n_bias = len(_monomials(config.bias_field_order)) + 1 if config.bias_field_per_crop else 0
+    u = jax.random.uniform(k_uniform, (n_box + _N_SCALARS + n_bias,))
+    box = _crop_box_from_uniforms(u[:n_box], height, width, scale, config.ratio, foreground,
+                                  config.min_foreground_fraction)
+    bias = _bias_coefficients(u[n_box + _N_SCALARS:], config) if n_bias else shared_bias
+    u = u[n_box:n_box + _N_SCALARS]
 
     def between(x, lo, hi):
         return lo + (hi - lo) * x
@@ -263,27 +375,33 @@ def _augment_crop(
     fg = coverage >= 0.5
     r = jnp.where(fg, crop[..., 0] / jnp.maximum(coverage, 0.5), 0.0)
 
-    r = r * _bias_field(bias_coeffs, box, size, height, width, config.bias_field_order)
+    biased = r * _bias_field(bias, box, size, height, width, config.bias_field_order)
+    # Brightness-neutral: the crop's mean foreground intensity is kept (x / x == 1 exactly, so
+    # a crop without a field is unchanged bit for bit).
+    r = biased * (jnp.sum(r) / jnp.maximum(jnp.sum(biased), 1e-12))
 
     mu = fg_mean / 255.0
     contrast = between(u[0], 1 - config.contrast, 1 + config.contrast)
     brightness = between(u[1], -config.brightness, config.brightness)
     jittered = (r - mu) * contrast + mu + brightness
     r = jnp.where(u[2] < config.brightness_contrast_prob, jittered, r)
-    r = jnp.clip(r, 0.0, 1.0)
+    r = jnp.maximum(r, 0.0)  # gamma needs r >= 0; values above 1 stay ordered
 
     gamma = jnp.exp(between(u[3], math.log(config.gamma_range[0]), math.log(config.gamma_range[1])))
     r = jnp.where(u[4] < config.gamma_prob, r ** gamma, r)
 
     sigma = between(u[5], config.blur_sigma[0], config.blur_sigma[1])
-    radius = max(1, min(int(math.ceil(3 * config.blur_sigma[1])), size - 1))
+    radius = min(config.blur_kernel_size // 2, size - 1)
     r = jnp.where(u[6] < blur_prob, _masked_blur(r, fg, sigma, radius), r)
 
-    noise_std = between(u[7], config.noise_std[0], config.noise_std[1])
-    noisy = r + noise_std * jax.random.normal(k_noise, r.shape, jnp.float32)
-    r = jnp.where(u[8] < config.noise_prob, noisy, r)
+    solarized = jnp.where(r >= config.solarize_threshold, 1.0 - r, r)
+    r = jnp.where(u[7] < solarize_prob, solarized, r)
 
-    flip = u[9] < config.flip_prob
+    noise_std = between(u[8], config.noise_std[0], config.noise_std[1])
+    noisy = r + noise_std * jax.random.normal(k_noise, r.shape, jnp.float32)
+    r = jnp.where(u[9] < config.noise_prob, noisy, r)
+
+    flip = u[10] < config.flip_prob
     r = jnp.where(flip, r[:, ::-1], r)
     fg = jnp.where(flip, fg[:, ::-1], fg)
 
@@ -292,25 +410,31 @@ def _augment_crop(
 
 
 def _augment_sample(key, pixels, fg_mean, fg_std, config: AugmentConfig):
-    height, width = pixels.shape
     k_bias, k_global, k_local = jax.random.split(key, 3)
     r = pixels.astype(jnp.float32) / 255.0
-    mask = (pixels > 0).astype(jnp.float32)
-    stacked = jnp.stack([r, mask], axis=-1)
+    mask = pixels > 0
+    stacked = jnp.stack([r, mask.astype(jnp.float32)], axis=-1)
+    foreground = stacked[..., 1] if config.min_foreground_fraction > 0 else None
+    shared_bias = None
+    if not config.bias_field_per_crop:  # one field per sample, as one scan has one field
+        n_terms = len(_monomials(config.bias_field_order))
+        shared_bias = _bias_coefficients(jax.random.uniform(k_bias, (n_terms + 1,)), config)
 
-    n_terms = len(_monomials(config.bias_field_order))
-    u = jax.random.uniform(k_bias, (n_terms + 1,))
-    coeffs = config.bias_field_coefficient * (2 * u[1:] - 1)
-    coeffs = jnp.where(u[0] < config.bias_field_prob, coeffs, 0.0)
+    def crops(key, n, size, scale, blur_probs, solarize_probs):
+        def one(k, blur_prob, solarize_prob):
+            return _augment_crop(k, stacked, foreground, fg_mean, fg_std, shared_bias, blur_prob,
+                                 solarize_prob, size, scale, config)
 
-    def crops(key, n, size, scale, blur_probs):
-        fn = lambda k, p: _augment_crop(k, stacked, fg_mean, fg_std, coeffs, p, size, scale, config)
-        return jax.vmap(fn)(jax.random.split(key, n), blur_probs)
+        return jax.vmap(one)(jax.random.split(key, n), blur_probs, solarize_probs)
+
+    def probs(values, n):
+        return jnp.broadcast_to(jnp.asarray(values, jnp.float32), (n,))
 
     globals_ = crops(k_global, 2, config.global_size, config.global_scale,
-                     jnp.asarray(config.blur_probs[:2], jnp.float32))
+                     probs(config.blur_probs[:2], 2), probs(config.solarize_probs[:2], 2))
     locals_ = crops(k_local, config.n_local, config.local_size, config.local_scale,
-                    jnp.full((config.n_local,), config.blur_probs[2], jnp.float32))
+                    probs(config.blur_probs[2], config.n_local),
+                    probs(config.solarize_probs[2], config.n_local))
     return globals_, locals_
 
 
@@ -365,4 +489,3 @@ def augment_batch(
         return x.astype(dtype)
 
     return {"global": channels(globals_), "local": channels(locals_)}
-

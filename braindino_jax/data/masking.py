@@ -1,15 +1,19 @@
-"""Block-wise patch masks for the iBOT objective (BEiT / iBOT / DINOv2 style).
+"""Block-wise patch masks for the iBOT objective, with DINOv3's per-sample mask counts.
 
 A mask is built from random rectangles of patches, each with an aspect ratio in
-[0.3, 1/0.3] and an area of at least 4 patches, added until the image reaches its target
-count of masked patches (never more). Only a fraction of the samples in a batch are masked;
-their target ratios are spread over ``mask_ratio_range`` by stratification: sample ``i`` of the
-``n`` masked samples draws its ratio uniformly from the ``i``-th of ``n`` equal sub-intervals,
-so every batch covers the whole range. The masks are then shuffled across the batch.
+[0.3, 1/0.3] and an area of at least 4 patches, added until no further rectangle fits the
+sample's count (never more), as DINOv3's ``MaskingGenerator``. Only a fraction of the samples
+in a batch are masked. Their counts are stratified as in DINOv3's ``collate_data_and_cast``:
+with ``n`` masked samples and edges ``linspace(low, high, n + 1)``, masked sample ``i`` gets
+exactly ``int(N * edges[i + 1])`` patches, the upper end of its sub-interval; what the
+rectangles leave short is topped up with patches drawn uniformly at random from the unmasked
+ones (DINOv3's ``complete_mask_randomly``). The masks are then shuffled across the batch.
 
-Because each sample's count is bounded by its sub-interval's upper end, the total number of
-masked patches in a batch has a static upper bound (:func:`max_masked_tokens`), which lets the
-iBOT loss gather masked tokens into a fixed-size buffer under ``jit``.
+This is DINOv3's rule, not DINOv2's (which draws each count uniformly within its
+sub-interval and does not top up). MRI gives no reason to differ, and it makes the count
+exact: every batch masks precisely :func:`max_masked_tokens` patches, so the iBOT loss's
+fixed-size gather buffer is always full, and each stratum keeps a fixed weight.
+The top-up is rare: about 0.1% of the masked patches on a 14 x 14 grid.
 
 Everything runs in numpy on the host and is deterministic given the ``np.random.Generator``.
 """
@@ -82,12 +86,15 @@ def add_random_block(rng: np.random.Generator, mask: np.ndarray, max_new: int) -
 
 
 def sample_block_mask(rng: np.random.Generator, grid: tuple[int, int], n_target: int) -> np.ndarray:
-    """One bool mask [grid_h, grid_w] with at most ``n_target`` patches masked by rectangles.
+    """One bool mask [grid_h, grid_w] with exactly ``n_target`` patches masked.
 
-    The count falls short of the target only when no further rectangle fits the remainder
-    (e.g. fewer than 4 patches left to mask), as in the reference generators.
+    Rectangles are added while one fits the remainder (``MAX_ATTEMPTS`` draws each); the last
+    few patches (fewer than 4 left, or no rectangle found) are drawn uniformly at random from
+    the unmasked ones, as DINOv3's ``complete_mask_randomly``.
     """
     grid_h, grid_w = grid
+    if not 0 <= n_target <= grid_h * grid_w:
+        raise ValueError(f"n_target: must be in [0, {grid_h * grid_w}], got {n_target}")
     mask = np.zeros((grid_h, grid_w), dtype=bool)
     max_block = int(MAX_BLOCK_FRACTION * grid_h * grid_w)
     count = 0
@@ -96,6 +103,9 @@ def sample_block_mask(rng: np.random.Generator, grid: tuple[int, int], n_target:
         if added == 0:
             break
         count += added
+    if count < n_target:  # rare (about 0.1% of the patches): skip the draw otherwise
+        flat = mask.reshape(-1)
+        flat[rng.choice(np.flatnonzero(~flat), size=n_target - count, replace=False)] = True
     return mask
 
 
@@ -104,30 +114,33 @@ def sample_masks(rng: np.random.Generator, batch_size: int, grid: tuple[int, int
                  mask_ratio_range: tuple[float, float] = (0.1, 0.5)) -> np.ndarray:
     """Masks for one batch of global crops: bool [batch_size, grid_h * grid_w], row-major.
 
-    ``int(batch_size * mask_sample_probability)`` samples are masked, with target counts
-    ``int(N * u)``, ``u ~ U(edges[i], edges[i+1])`` over the stratified ratio range; the other
-    samples are all False. Row order is shuffled so masked samples land anywhere in the batch.
+    ``int(batch_size * mask_sample_probability)`` samples are masked, sample ``i`` of them with
+    exactly ``int(N * edges[i + 1])`` patches over the stratified ratio range; the other samples
+    are all False. Row order is shuffled so masked samples land anywhere in the batch.
     """
     _validate(batch_size, grid, mask_sample_probability, mask_ratio_range)
     grid = (int(grid[0]), int(grid[1]))
-    n_patches = grid[0] * grid[1]
-    edges = ratio_edges(batch_size, mask_sample_probability, mask_ratio_range)
-    masks = np.zeros((batch_size, n_patches), dtype=bool)
-    for i in range(len(edges) - 1):
-        n_target = int(n_patches * rng.uniform(edges[i], edges[i + 1]))
+    masks = np.zeros((batch_size, grid[0] * grid[1]), dtype=bool)
+    for i, n_target in enumerate(mask_counts(batch_size, grid, mask_sample_probability,
+                                             mask_ratio_range)):
         masks[i] = sample_block_mask(rng, grid, n_target).reshape(-1)
     return masks[rng.permutation(batch_size)]
 
 
-def max_masked_tokens(batch_size: int, grid: tuple[int, int], mask_sample_probability: float = 0.5,
-                      mask_ratio_range: tuple[float, float] = (0.1, 0.5)) -> int:
-    """Static upper bound on ``sample_masks(...).sum()`` for these settings (at least 1).
-
-    Sized from the upper end of every masked sample's ratio sub-interval; used as the length
-    of the fixed-size masked-token buffer in the iBOT loss.
-    """
+def mask_counts(batch_size: int, grid: tuple[int, int], mask_sample_probability: float = 0.5,
+                mask_ratio_range: tuple[float, float] = (0.1, 0.5)) -> list[int]:
+    """Masked patches of each masked sample of a batch, ``int(N * edges[i + 1])`` (DINOv3)."""
     _validate(batch_size, grid, mask_sample_probability, mask_ratio_range)
     n_patches = int(grid[0]) * int(grid[1])
     edges = ratio_edges(batch_size, mask_sample_probability, mask_ratio_range)
-    return max(1, sum(int(n_patches * e) for e in edges[1:]))
+    return [int(n_patches * e) for e in edges[1:]]
 
+
+def max_masked_tokens(batch_size: int, grid: tuple[int, int], mask_sample_probability: float = 0.5,
+                      mask_ratio_range: tuple[float, float] = (0.1, 0.5)) -> int:
+    """Static size of the iBOT masked-token buffer for these settings (at least 1).
+
+    Every batch from ``sample_masks`` masks exactly ``sum(mask_counts(...))`` patches (DINOv3's
+    ``upperbound``), so this is both the exact count and a static upper bound.
+    """
+    return max(1, sum(mask_counts(batch_size, grid, mask_sample_probability, mask_ratio_range)))

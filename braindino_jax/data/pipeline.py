@@ -5,14 +5,18 @@ seed, which is what makes the iterator state small and a resume exact):
 
     ArrayRecordDataSource(shards) -> decode -> global shuffle(seed) -> repeat
       [-> weighted mix of datasets] -> this process's slice [p::P] -> batch
-      -> iBOT masks (numpy, seeded by batch index) -> threads / worker processes
+      -> iBOT masks (numpy, seeded by (seed, process, batch index)) -> threads / workers
 
 Each batch is a dict of numpy arrays for this process's share of the global batch:
 `pixels` uint8 [b, H, W] (0 = background), `fg_mean`/`fg_std` float32 [b] in uint8 units,
 and, when `mask_grid` is set, `masks` bool [b, 2, grid_h * grid_w] for the two global crops.
 Masks are made here, in the Grain workers, rather than in the step: the numpy generator is
 slower per call than a jax port (see benchmarks/input_throughput.py) but costs no
-accelerator time, and the host still meets its slices/s target with them.
+accelerator time, and the host still meets its slices/s target with them. Grain seeds each
+batch's generator from the seed and the batch's index, and every process counts its batches
+from 0, so the process index is mixed into the mask seed: otherwise a P-process run would
+repeat each step's masks P times. Each process masks exactly `masking.max_masked_tokens(2b)`
+patches of its b samples' 2b global crops, so a global batch masks `mask_token_bound`.
 
 Device side: `DeviceBatchIterator` turns each host batch into global `jax.Array`s sharded
 over `P(('data', 'fsdp'))` and keeps `device_prefetch` batches in flight, so the transfer
@@ -240,12 +244,18 @@ class _AddMasks(grain.transforms.RandomMap):
         return {**batch, "masks": np.concatenate(masks).reshape(b, 2, -1)}
 
 
-def mask_token_bound(config: PipelineConfig, process_count: int | None = None) -> int:
-    """Static bound on the masked patches in one global batch (the iBOT gather size).
+def _mask_seed(seed: int, process_index: int) -> int:
+    """This process's seed for the mask generators: independent streams per process."""
+    return int(np.random.SeedSequence([seed, process_index]).generate_state(1, np.uint64)[0])
 
-    Masks are stratified over each group's 2b/G global crops (G = ``mask_groups`` per process),
-    so the bound is P x G x ``masking.max_masked_tokens(2b/G)``, slightly above the bound for
-    one stratification over 2B; :func:`mask_group_bound` is one group's share.
+
+def mask_token_bound(config: PipelineConfig, process_count: int | None = None) -> int:
+    """Masked patches in every global batch: the static iBOT gather size.
+
+    Each process cuts its 2b global crops into ``mask_groups`` groups (one per local device),
+    stratifies the mask counts over each group and masks exactly
+    `masking.max_masked_tokens(2b/G)` patches per group (DINOv3's per-GPU collate), so every
+    global batch masks exactly P x G times that; :func:`mask_group_bound` is one group's share.
     """
     process_count = jax.process_count() if process_count is None else process_count
     return process_count * config.mask_groups * mask_group_bound(config, process_count)
@@ -293,7 +303,7 @@ def host_dataset(
         ds = ds.random_map(
             _AddMasks(config.mask_grid, config.mask_sample_probability, config.mask_ratio_range,
                       config.mask_groups),
-            seed=config.seed,
+            seed=_mask_seed(config.seed, process_index),
         )
     it_ds = ds.to_iter_dataset(grain.ReadOptions(
         num_threads=config.read_threads, prefetch_buffer_size=max(1, 2 * config.read_threads)))

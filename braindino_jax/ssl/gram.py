@@ -4,6 +4,9 @@ Long or high-resolution training degrades patch features while the CLS features 
 improving. Gram anchoring regularises the pairwise cosine similarities of the student's patch
 features towards those of a "Gram teacher", an earlier EMA-teacher snapshot, which leaves the
 features themselves free to move.
+
+Checked against Meta's ``GramLoss`` (``dinov3/loss/gram_loss.py``) on the same inputs, loss
+and gradient, for every ``negatives`` mode (tests/fixtures/dinov3_gram.npz).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ NEGATIVES = ("keep", "remove", "remove_teacher")
 
 
 def gram_loss(student_patches: jax.Array, teacher_patches: jax.Array, image_level: bool = True,
-              negatives: str = "remove", normalize: bool = True,
+              negatives: str = "keep", normalize: bool = True,
               precision: jax.lax.Precision = jax.lax.Precision.HIGHEST,
               group_size: int | None = None) -> jax.Array:
     """Mean squared difference of the student and teacher Gram matrices, float32.
@@ -26,10 +29,12 @@ def gram_loss(student_patches: jax.Array, teacher_patches: jax.Array, image_leve
     Features [B, N, D] (teacher: the Gram teacher's, treated as constants). With
     ``normalize`` they are L2-normalised, so Gram entries are cosine similarities. Gram
     matrices are [B, N, N] per image (``image_level``) or one [B·N, B·N] over the batch.
-    ``negatives``: "keep"; "remove" clamps negative similarities to 0 in both matrices;
-    "remove_teacher" clamps the teacher's and zeroes the student's only where both are
-    negative. The loss is ‖G_s − G_t‖_F² / (number of Gram entries), as DINOv3's ``GramLoss``
-    (an MSE).
+    ``negatives``: "keep" (the default: every DINOv3 config sets ``remove_neg: false``);
+    "remove" clamps negative similarities to 0 in both matrices (``remove_neg``);
+    "remove_teacher" clamps the teacher's only (``remove_only_teacher_neg``: DINOv3's code also
+    zeroes the student where both are negative, but tests the teacher's already-clamped matrix,
+    so it never does; we reproduce what it computes). The loss is
+    ‖G_s − G_t‖_F² / (number of Gram entries), as DINOv3's ``GramLoss`` (an MSE).
 
     Batch-level Gram in DINOv3 is over each GPU's own images. Under a global ``jit`` it would
     span the global batch, a different loss whose [B·N, B·N] matrix outgrows memory at scale;
@@ -60,6 +65,5 @@ def gram_loss(student_patches: jax.Array, teacher_patches: jax.Array, image_leve
     if negatives == "remove":
         gram_s, gram_t = jnp.maximum(gram_s, 0.0), jnp.maximum(gram_t, 0.0)
     elif negatives == "remove_teacher":
-        gram_s = jnp.where((gram_s < 0) & (gram_t < 0), 0.0, gram_s)
         gram_t = jnp.maximum(gram_t, 0.0)
     return jnp.mean(jnp.square(gram_s - gram_t))

@@ -7,6 +7,13 @@ Here the batch axis is split into consecutive groups of ``group_size`` samples, 
 on its own. With the batch sharded contiguously over D devices (``P(('data', 'fsdp'))``),
 ``group_size = global_batch // D`` reproduces the per-device semantics exactly, and the reshape
 keeps every group on its own device, so no cross-device traffic arises.
+
+Weight: the value is the mean over the leading axes (crops) and the samples. DINOv3 adds
+``koleo_loss_weight · koleo_scale · mean over global crops`` with ``koleo_loss_weight = 0.1``
+and ``koleo_scale = n_global_crops`` (``ssl_meta_arch.compute_losses``), i.e. 0.1 × the *sum*
+over the global crops. So the caller passes the student's backbone CLS outputs of the G global
+crops as [G, B, D] and adds ``0.1 * G * koleo_loss(...)`` (0.2 × this value for 2 crops);
+adding ``0.1 * koleo_loss(...)`` would run KoLeo at half strength.
 """
 
 from __future__ import annotations

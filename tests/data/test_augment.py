@@ -1,5 +1,6 @@
-"""On-device multi-crop augmentation: shapes, crop geometry, resampling, blur, z-score."""
+"""On-device multi-crop augmentation: shapes, crop geometry, resampling, blur, intensities."""
 
+import dataclasses
 import functools
 import math
 
@@ -12,15 +13,19 @@ import scipy.stats
 from PIL import Image
 
 from braindino_jax.data.augment import AugmentConfig, augment_batch, sample_crop_box
+from braindino_jax.preprocessing.config import PrepConfig
+from braindino_jax.preprocessing.phantom import write_phantom
+from braindino_jax.preprocessing.volume import preprocess_volume
 
 SMALL = AugmentConfig(global_size=32, local_size=16, n_local=3)
-# Identity geometry: full-image crops, no flips, no intensity change except a fixed blur on
-# global crop 1, so global crop 2 and the locals have closed-form references.
+# Identity geometry: full-image crops, no flips, no intensity change except a fixed blur and
+# solarisation on global crop 1, so global crop 2 and the locals have closed-form references.
 IDENTITY = AugmentConfig(
     global_size=40, local_size=24, n_local=1,
     global_scale=(1.0, 1.0), local_scale=(1.0, 1.0), ratio=(1.0, 1.0),
     flip_prob=0.0, bias_field_prob=0.0, brightness_contrast_prob=0.0, gamma_prob=0.0,
     noise_prob=0.0, blur_probs=(1.0, 0.0, 0.0), blur_sigma=(1.5, 1.5),
+    solarize_probs=(1.0, 0.0, 0.0),
 )
 
 
@@ -65,9 +70,10 @@ def test_shapes_dtypes_ranges_and_per_sample_keys(slices, batch):
         views = np.asarray(views)
         assert views.dtype == np.float32 and np.isfinite(views).all()
         np.testing.assert_array_equal(views[..., 0], views[..., 2])
-        # Intensities stay within [0, 1] before z-scoring, up to Gaussian noise (std <= 0.05).
-        assert views.min() >= (-0.3 * 255 - mean) / std
-        assert views.max() <= (1.3 * 255 - mean) / std
+        # Before z-scoring, intensities stay within a few times [0, 1]: the bias field and the
+        # contrast jitter may exceed 1 (no clip), solarisation maps r > 1 below 0, noise <= 0.25.
+        assert views.min() >= (-2.0 * 255 - mean) / std
+        assert views.max() <= (3.0 * 255 - mean) / std
         assert (views == 0).any() and (np.abs(views) > 0.5).any()
     if batch == 3:
         # Identical inputs, per-sample keys: every sample's crops differ.
@@ -120,31 +126,45 @@ def test_identity_crop_reproduces_float_zscore(slices, identity_out):
     np.testing.assert_array_equal(got[~fg], 0.0)
 
 
-def test_resized_crop_matches_pil(slices, identity_out):
+@pytest.mark.parametrize("interpolation,pil_filter", [("bicubic", Image.BICUBIC),
+                                                      ("bilinear", Image.BILINEAR)])
+def test_resized_crop_matches_pil(slices, identity_out, interpolation, pil_filter):
+    """DINOv3 resizes PIL images bicubically (antialiased); the default must agree with PIL."""
     _, fg, u, mean, std = slices
     size = IDENTITY.local_size
+    if interpolation == IDENTITY.interpolation:
+        got = identity_out["local"][0]
+    else:
+        config = dataclasses.replace(IDENTITY, interpolation=interpolation)
+        out = _jitted(config)(jax.random.key(3), jnp.asarray(u[None]), jnp.full(1, mean),
+                              jnp.full(1, std))
+        got = np.asarray(out["local"][0, 0, ..., 0], np.float64)
 
     def pil_resize(a):
         return np.asarray(Image.fromarray(a.astype(np.float32), mode="F").resize(
-            (size, size), Image.BILINEAR), np.float64)
+            (size, size), pil_filter), np.float64)
 
     r = pil_resize(u / 255.0)
     mask = pil_resize(fg.astype(np.float64))
     # Normalised resampling: intensities divided by the resampled mask on the foreground.
-    expected = np.where(mask >= 0.5, (255 * r / np.maximum(mask, 0.5) - mean) / std, 0.0)
+    expected = np.where(mask >= 0.5, (255 * np.maximum(r / np.maximum(mask, 0.5), 0) - mean) / std,
+                        0.0)
     clear = np.abs(mask - 0.5) > 1e-3  # pixels whose fg/bg decision is not a rounding tie
-    np.testing.assert_allclose(identity_out["local"][0][clear], expected[clear], atol=1e-4)
+    np.testing.assert_allclose(got[clear], expected[clear], atol=1e-4)
 
 
-def test_foreground_blur_applies_with_probability_one_on_global_crop_1(slices, identity_out):
+def test_foreground_blur_then_solarisation_on_global_crop_1(slices, identity_out):
     _, fg, _, mean, std = slices
     sharp = identity_out["global"][1]
     r = np.where(fg, (sharp * std + mean) / 255.0, 0.0)
-    radius = math.ceil(3 * 1.5)
+    radius = IDENTITY.blur_kernel_size // 2  # DINOv3's 9-tap kernel
     blur = lambda a: scipy.ndimage.gaussian_filter(a, 1.5, mode="mirror", truncate=radius / 1.5)
     blurred = blur(r * fg) / np.maximum(blur(fg.astype(np.float64)), 1e-6)  # foreground only
-    expected = np.where(fg, (255 * blurred - mean) / std, 0.0)
-    np.testing.assert_allclose(identity_out["global"][0], expected, atol=1e-4)
+    solarized = np.where(blurred >= 128 / 255, 1 - blurred, blurred)  # torchvision's rule
+    expected = np.where(fg, (255 * solarized - mean) / std, 0.0)
+    clear = np.abs(blurred - 128 / 255) > 1e-4  # not a rounding tie at the threshold
+    assert (solarized != blurred)[fg].mean() > 0.2  # the bright half really was inverted
+    np.testing.assert_allclose(identity_out["global"][0][clear], expected[clear], atol=1e-4)
 
 
 def _reference_areas(rng, n, height, width, scale, ratio):
@@ -185,6 +205,121 @@ def test_crop_box_areas_follow_the_configured_distribution():
     assert scipy.stats.ks_2samp(area, reference).pvalue > 1e-3
     assert not scipy.stats.ks_2samp(area, np.random.default_rng(2).uniform(0.32, 1.0, 20000)
                                     ).pvalue > 1e-3
+
+
+@pytest.fixture(scope="module")
+def phantom_slices(tmp_path_factory):
+    """Real storage slices: a skull-stripped T1w phantom through the data-prep code.
+
+    At 2 mm in a 128 px frame the brain covers 18% of a slice on average (3-37%), as the
+    demo shards' 256 px slices do (18.6%).
+    """
+    path, _ = write_phantom(tmp_path_factory.mktemp("phantom") / "t1.nii.gz", 3,
+                            spacing=(2.0, 2.0, 2.0), skull_stripped=True)
+    volume = preprocess_volume(path, PrepConfig(target_spacing=None, size=128))[0]
+    return volume.slices[::3], volume.fg_mean, volume.fg_std  # 19 slices
+
+
+# Full-slice crops with only the bias field on, so each crop is the slice times its field.
+BIAS_ONLY = dataclasses.replace(
+    IDENTITY, global_size=128, local_size=16, blur_probs=(0.0, 0.0, 0.0),
+    solarize_probs=(0.0, 0.0, 0.0), bias_field_prob=1.0)
+
+
+def _intensities(views, mean, std):
+    """z-scored crops [B, n, S, S, 1] back to r = storage value / 255."""
+    return (np.asarray(views[..., 0], np.float64) * std + mean) / 255.0
+
+
+def test_bias_field_keeps_bright_tissue_and_the_mean_brightness(phantom_slices):
+    """The field neither saturates bright tissue (no plateau at the top value, as a clip at 1
+    made of white matter) nor changes a crop's mean foreground intensity."""
+    pixels, mean, std = phantom_slices
+    n = len(pixels)
+    out = _jitted(BIAS_ONLY)(jax.random.key(0), jnp.asarray(pixels), jnp.full(n, mean),
+                             jnp.full(n, std))
+    biased = _intensities(out["global"], mean, std)  # [n, 2, 128, 128]
+    fg = pixels > 0
+    raw = pixels / 255.0
+    raw_top = np.mean([(x[m] == 1.0).mean() for x, m in zip(raw, fg)])
+    top = [(c[m] >= c[m].max() - 1e-6).mean() for crops, m in zip(biased, fg) for c in crops]
+    assert abs(np.mean(top) - raw_top) <= 0.01, (np.mean(top), raw_top)
+
+    ratio = biased / np.where(fg, raw, 1.0)[:, None]
+    spreads = []
+    for crops, m, x in zip(ratio, fg, raw):
+        for field in crops:
+            spreads.append(np.log(field[m]).std())
+            # Brightness-neutral: the foreground mean intensity is the slice's own.
+            np.testing.assert_allclose((field[m] * x[m]).mean(), x[m].mean(), rtol=1e-5)
+    assert np.median(spreads) > 0.03 and min(spreads) > 0.005  # real fields, not constants
+
+
+def test_bias_field_is_drawn_per_crop_or_shared_by_option(phantom_slices):
+    """Per crop by default, so teacher and student views never share one field."""
+    pixels, mean, std = phantom_slices
+    n = len(pixels)
+    args = (jax.random.key(1), jnp.asarray(pixels), jnp.full(n, mean), jnp.full(n, std))
+    per_crop = _intensities(_jitted(BIAS_ONLY)(*args)["global"], mean, std)
+    shared_config = dataclasses.replace(BIAS_ONLY, bias_field_per_crop=False)
+    shared = _intensities(_jitted(shared_config)(*args)["global"], mean, std)
+    fg = pixels > 0
+    # Per crop: the two global views of a slice differ by the ratio of two fields.
+    spreads = [np.log(per_crop[s, 0][fg[s]] / per_crop[s, 1][fg[s]]).std() for s in range(n)]
+    assert np.median(spreads) > 0.03 and min(spreads) > 0.005
+    # Shared: the same box and field on both global crops, hence the same image.
+    np.testing.assert_allclose(shared[:, 0], shared[:, 1], atol=1e-6)
+
+
+def _box_fraction(mask: np.ndarray, box: np.ndarray) -> float:
+    """Exact float64 foreground fraction of a continuous box: per-pixel overlap lengths."""
+    top, left, h, w = (float(v) for v in box)
+    edges_y, edges_x = np.arange(mask.shape[0] + 1.0), np.arange(mask.shape[1] + 1.0)
+    oy = np.clip(np.minimum(edges_y[1:], top + h) - np.maximum(edges_y[:-1], top), 0, None)
+    ox = np.clip(np.minimum(edges_x[1:], left + w) - np.maximum(edges_x[:-1], left), 0, None)
+    return float(oy @ mask.astype(np.float64) @ ox / (h * w))
+
+
+def test_crop_boxes_are_redrawn_off_the_background_without_changing_the_size_law():
+    height = width = 96
+    yy, xx = np.mgrid[:height, :width]
+    mask = (yy - 30) ** 2 + (xx - 62) ** 2 < 16 ** 2  # a small off-centre brain: 9% of the slice
+    n = 2000
+    keys = jax.random.split(jax.random.key(4), n)
+
+    @functools.partial(jax.jit, static_argnums=(2,))
+    def boxes(keys, mask, min_foreground):
+        return jax.vmap(lambda k: sample_crop_box(k, height, width, (0.05, 0.32), (3 / 4, 4 / 3),
+                                                  mask, min_foreground))(keys)
+
+    plain = np.asarray(boxes(keys, mask, 0.0), np.float64)
+    redrawn = np.asarray(boxes(keys, mask, 0.1), np.float64)
+    before = np.array([_box_fraction(mask, b) for b in plain])
+    after = np.array([_box_fraction(mask, b) for b in redrawn])
+    assert np.mean(before < 0.1) > 0.4
+    assert np.mean(after < 0.1) < 0.01
+    # Only the position is re-drawn: the areas keep their uniform law, and boxes stay inside.
+    area = redrawn[:, 2] * redrawn[:, 3] / (height * width)
+    assert scipy.stats.kstest(area, scipy.stats.uniform(0.05, 0.27).cdf).pvalue > 1e-3
+    np.testing.assert_allclose(area, plain[:, 2] * plain[:, 3] / (height * width), rtol=1e-6)
+    assert (redrawn[:, 0] >= 0).all() and (redrawn[:, 0] + redrawn[:, 2] <= height + 1e-3).all()
+    assert (redrawn[:, 1] >= 0).all() and (redrawn[:, 1] + redrawn[:, 3] <= width + 1e-3).all()
+
+
+def test_local_crops_of_real_slices_hold_foreground(phantom_slices):
+    """Through augment_batch on real slices: hardly a local crop is (almost) background.
+
+    Without the re-draw, 10.5% of these local crops hold < 10% foreground (11.1% on the
+    demo shards, see benchmarks/input_throughput.py).
+    """
+    pixels, mean, std = phantom_slices
+    n = len(pixels)
+    config = AugmentConfig(global_size=32, local_size=16, n_local=8, background=-1e4, channels=1)
+    out = _jitted(config)(jax.random.key(5), jnp.asarray(pixels), jnp.full(n, mean),
+                          jnp.full(n, std))
+    fractions = (np.asarray(out["local"][..., 0]) != -1e4).mean(axis=(2, 3))  # [n, 8]
+    assert fractions.shape == (n, 8)
+    assert np.mean(fractions < 0.1) <= 0.01
 
 
 def test_bad_config_and_inputs_name_the_field():

@@ -1,14 +1,18 @@
-"""Block-mask generator: determinism, the stratified ratio distribution, block shapes."""
+"""Block-mask generator: determinism, DINOv3's mask counts and mask shapes, block shapes."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.ndimage
 
 from braindino_jax.data import masking
 
 GRID = (14, 14)
 N = GRID[0] * GRID[1]
+# Masks from DINOv3's MaskingGenerator + collate_data_and_cast (tools/make_dinov3_masks_fixture.py).
+DINOV3_MASKS = Path(__file__).parents[1] / "fixtures" / "dinov3_masks.npz"
 
 
 def test_deterministic_given_seed():
@@ -21,47 +25,71 @@ def test_deterministic_given_seed():
 
 
 @pytest.mark.parametrize("batch_size,prob", [(32, 0.5), (10, 0.3), (5, 1.0), (4, 0.0)])
-def test_fraction_of_masked_samples_and_upper_bound(batch_size, prob):
+def test_fraction_of_masked_samples_and_exact_count(batch_size, prob):
     rng = np.random.default_rng(0)
     bound = masking.max_masked_tokens(batch_size, GRID, prob)
     for _ in range(50):
         masks = masking.sample_masks(rng, batch_size, GRID, prob)
         # Ratios start at 0.1 (19 patches), so every selected sample gets at least one block.
         assert (masks.sum(axis=1) > 0).sum() == int(batch_size * prob)
-        assert masks.sum() <= bound
+        # Every batch fills the iBOT buffer exactly (the bound is 1 when nothing is masked).
+        assert masks.sum() == (bound if prob * batch_size >= 1 else 0)
 
 
-def test_counts_stay_in_their_stratified_intervals():
-    """Sorted per-sample counts sit in the sorted sub-intervals of [0.1, 0.5].
-
-    Counts never exceed the sampled target, and fall at most a few patches short of it (when
-    no rectangle fits the last remainder).
-    """
+def test_each_masked_sample_gets_the_upper_end_of_its_stratum():
+    """DINOv3's counts: int(N * edges[i + 1]), exactly, whatever the rectangles managed."""
     rng = np.random.default_rng(1)
     batch_size = 16
     edges = np.linspace(0.1, 0.5, batch_size // 2 + 1)
-    low = np.array([int(N * e) for e in edges[:-1]])
-    high = np.array([int(N * e) for e in edges[1:]])
+    want = [int(N * e) for e in edges[1:]]
+    assert masking.mask_counts(batch_size, GRID) == want
     for _ in range(200):
         counts = masking.sample_masks(rng, batch_size, GRID).sum(axis=1)
-        counts = np.sort(counts[counts > 0])
-        assert np.all(counts <= high)
-        assert np.all(counts >= low - 3)
+        np.testing.assert_array_equal(np.sort(counts[counts > 0]), want)
 
 
-def test_ratios_follow_uniform_range_over_many_draws():
+def _largest_component_aspect(mask: np.ndarray) -> float:
+    labels, _ = scipy.ndimage.label(mask)
+    largest = labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
+    return abs(math.log(largest.any(axis=1).sum() / largest.any(axis=0).sum()))
+
+
+def _mask_shape_statistics(masks: np.ndarray) -> dict[str, np.ndarray]:
+    """Per masked sample: connected 4-components, isolated patches, |log aspect| of the
+    largest component's bounding box; and the row/column coverage profiles."""
+    masks = masks.reshape(-1, *GRID)
+    masks = masks[masks.any(axis=(1, 2))]
+    padded = np.pad(masks, ((0, 0), (1, 1), (1, 1)))
+    neighbours = (padded[:, :-2, 1:-1].astype(int) + padded[:, 2:, 1:-1] + padded[:, 1:-1, :-2]
+                  + padded[:, 1:-1, 2:])
+    return {
+        "components": np.array([scipy.ndimage.label(m)[1] for m in masks], float),
+        "isolated": (masks & (neighbours == 0)).sum(axis=(1, 2)).astype(float),
+        "aspect": np.array([_largest_component_aspect(m) for m in masks]),
+        "rows": masks.mean(axis=2), "cols": masks.mean(axis=1),
+    }
+
+
+@pytest.mark.parametrize("crops", [16, 10])
+def test_masks_match_dinov3(crops):
+    """Same counts per batch as DINOv3's collate, and masks of the same shape statistics."""
+    reference = np.load(DINOV3_MASKS)
+    assert tuple(reference["grid"]) == GRID
+    ref = np.unpackbits(reference[f"b{crops}/masks"], axis=-1, count=N).astype(bool)
+    assert masking.max_masked_tokens(crops, GRID) == int(reference[f"b{crops}/upperbound"])
     rng = np.random.default_rng(2)
-    ratios = []
-    for _ in range(300):
-        counts = masking.sample_masks(rng, 8, GRID, 0.5, (0.1, 0.5)).sum(axis=1)
-        ratios.extend(counts[counts > 0] / N)
-    ratios = np.sort(np.array(ratios))
-    # Targets are int(N * U(0.1, 0.5)): mean 0.3 minus half a patch of flooring.
-    assert abs(ratios.mean() - (0.3 - 0.5 / N)) < 0.01
-    # Kolmogorov-Smirnov distance to U(0.1, 0.5), loosened by the one-patch quantisation.
-    cdf = np.clip((ratios - 0.1) / 0.4, 0.0, 1.0)
-    empirical = np.arange(1, ratios.size + 1) / ratios.size
-    assert np.max(np.abs(empirical - cdf)) < 0.04
+    ours = np.stack([masking.sample_masks(rng, crops, GRID) for _ in range(4 * len(ref))])
+    for batch in (ref, ours[:len(ref)]):  # [batches, crops, N]
+        assert (batch.any(axis=-1).sum(axis=-1) == crops // 2).all()
+    np.testing.assert_array_equal(np.sort(ref.sum(-1), axis=-1)[0],
+                                  np.sort(ours.sum(-1), axis=-1)[0])
+    assert (np.sort(ref.sum(-1), axis=-1) == np.sort(ref.sum(-1), axis=-1)[0]).all()
+
+    a, b = _mask_shape_statistics(ref), _mask_shape_statistics(ours)
+    for name in a:  # two-sample z-tests on the means, 4 standard errors
+        se = np.sqrt(a[name].var(axis=0) / len(a[name]) + b[name].var(axis=0) / len(b[name]))
+        diff = np.abs(a[name].mean(axis=0) - b[name].mean(axis=0))
+        assert np.all(diff <= 4 * se + 1e-9), (name, diff, se)
 
 
 def _reference_block_shapes(rng, n, max_new, grid):
@@ -105,6 +133,16 @@ def test_blocks_reach_every_position():
     rng = np.random.default_rng(5)
     coverage = sum(masking.sample_masks(rng, 8, GRID).sum(axis=0) for _ in range(200))
     assert np.all(coverage > 0)
+
+
+def test_top_up_fills_what_rectangles_cannot():
+    """A count no rectangle can reach exactly (prime, above half the grid) is still exact."""
+    rng = np.random.default_rng(6)
+    for n_target in (0, 1, 3, 97, 131, N):
+        mask = masking.sample_block_mask(rng, GRID, n_target)
+        assert mask.shape == GRID and mask.sum() == n_target
+    with pytest.raises(ValueError, match="n_target"):
+        masking.sample_block_mask(rng, GRID, N + 1)
 
 
 @pytest.mark.parametrize("kwargs,field", [

@@ -97,10 +97,10 @@ def test_processes_read_disjoint_parts_that_cover_every_epoch(shard_dir):
         assert all(b["pixels"].shape[0] == 4 for b in batches)
         per_process.append([i for b in batches for i in _ids(b)])
         masked += [int(b["masks"].sum()) for b in batches]
-    # Masks are stratified per process; the global step's total stays within the bound.
+    # Masks are stratified per process; every global step masks exactly the bound.
     bound = mask_token_bound(_config(shard_dir), process_count=2)
     assert bound == 2 * masking.max_masked_tokens(8, (8, 8))
-    assert masked.max() <= bound
+    assert (masked == bound).all()
     epoch = lambda ids, e: ids[24 * e: 24 * (e + 1)]
     for e in range(2):
         p0, p1 = epoch(per_process[0], e), epoch(per_process[1], e)
@@ -108,6 +108,29 @@ def test_processes_read_disjoint_parts_that_cover_every_epoch(shard_dir):
         assert sorted(p0 + p1) == list(range(48))
     # Each epoch is shuffled differently.
     assert epoch(per_process[0], 0) != epoch(per_process[0], 1)
+
+
+def test_processes_draw_their_own_masks_and_resume_exactly(shard_dir):
+    """Grain seeds per-batch generators by batch index, which every process counts from 0: the
+    mask seed must also depend on the process, or a P-process run repeats its masks P times."""
+    config = _config(shard_dir, batch_size=16)
+    per_process = [_take(iter(host_dataset(config, index, 2)), 4) for index in range(2)]
+    for a, b in zip(*per_process):
+        assert a["masks"].sum() == b["masks"].sum() == masking.max_masked_tokens(16, (8, 8))
+        assert not np.array_equal(a["masks"], b["masks"])
+    # One process's stream is still a pure function of (seed, process): a restored iterator
+    # continues with the very batches, masks included.
+    it = iter(host_dataset(config, 1, 2))
+    _take(it, 2)
+    state = it.get_state()
+    expected = _take(it, 2)
+    resumed = iter(host_dataset(config, 1, 2))
+    resumed.set_state(state)
+    for a, b in zip(expected, _take(resumed, 2)):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    for a, b in zip(expected, per_process[1][2:]):
+        np.testing.assert_array_equal(a["masks"], b["masks"])
 
 
 def test_weighted_mixture_of_datasets(shard_dir):
@@ -225,7 +248,7 @@ def test_masks_stratified_per_group_stay_within_each_groups_bound(shard_dir):
     assert mask_token_bound(config, process_count=1) == 4 * bound
     for batch in _take(iter(host_dataset(config, 0, 1)), 12):
         groups = batch["masks"].reshape(4, 2 * 2, 64)  # 4 groups of 2 samples x 2 crops
-        assert (groups.sum(axis=(1, 2)) <= bound).all()
+        assert (groups.sum(axis=(1, 2)) == bound).all()  # DINOv3 counts: exactly the bound
         # DINOv3's per-GPU rule: int(2b * p) masked crops in every group.
         assert (groups.any(axis=2).sum(axis=1) == 2).all()
     with pytest.raises(PipelineError, match="mask_groups"):

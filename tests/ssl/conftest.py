@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from scipy.special import logsumexp
 
 
 @pytest.fixture(scope="session")
@@ -52,3 +53,18 @@ def _reference_sinkhorn(logits: np.ndarray, temp: float, n_iterations: int) -> n
 def reference_sinkhorn():
     """The float64 reference Sinkhorn-Knopp, [B, K] logits -> [B, K] targets."""
     return _reference_sinkhorn
+
+
+def _reference_sinkhorn_log(logits: np.ndarray, temp: float, n_iterations: int) -> np.ndarray:
+    """The same iterates in the log domain, float64: exact where exp(t/τ) overflows float64."""
+    log_q = logits.astype(np.float64) / temp
+    for _ in range(n_iterations):
+        log_q = log_q - logsumexp(log_q, axis=0, keepdims=True)
+        log_q = log_q - logsumexp(log_q, axis=1, keepdims=True)
+    return np.exp(log_q)
+
+
+@pytest.fixture(scope="session")
+def reference_sinkhorn_log():
+    """The float64 log-domain reference Sinkhorn-Knopp, [B, K] logits -> [B, K] targets."""
+    return _reference_sinkhorn_log

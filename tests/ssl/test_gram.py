@@ -1,4 +1,7 @@
-"""Gram anchoring loss against a float64 reference of DINOv3's definition, and its gradient."""
+"""Gram anchoring loss against Meta's GramLoss (fixture) and a float64 reference, and its gradient."""
+
+import inspect
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +9,10 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from braindino_jax.ssl.gram import gram_loss
+from braindino_jax.ssl.gram import NEGATIVES, gram_loss
+
+# Meta's dinov3/loss/gram_loss.py run on fixed inputs (tools/make_dinov3_gram_fixture.py).
+DINOV3_GRAM = Path(__file__).parents[1] / "fixtures" / "dinov3_gram.npz"
 
 
 def reference_gram_loss(student, teacher, image_level, negatives):
@@ -21,7 +27,6 @@ def reference_gram_loss(student, teacher, image_level, negatives):
     if negatives == "remove":
         gs, gt = np.maximum(gs, 0), np.maximum(gt, 0)
     elif negatives == "remove_teacher":
-        gs = np.where((gs < 0) & (gt < 0), 0, gs)
         gt = np.maximum(gt, 0)
     return np.mean((gs - gt) ** 2)
 
@@ -42,6 +47,28 @@ def test_matches_float64_reference(patches, image_level, negatives):
     want = reference_gram_loss(student, teacher, image_level, negatives)
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("level", ["image", "batch"])
+@pytest.mark.parametrize("negatives", NEGATIVES)
+def test_matches_dinov3_gram_loss(negatives, level):
+    """Loss and student gradient equal Meta's GramLoss on the same inputs, in every mode."""
+    reference = np.load(DINOV3_GRAM)
+    student, teacher = reference["student"], reference["teacher"]
+    fn = lambda s: gram_loss(s, teacher, image_level=level == "image", negatives=negatives)  # noqa: E731
+    loss, grad = jax.value_and_grad(fn)(student)
+    np.testing.assert_allclose(float(loss), float(reference[f"{negatives}/{level}/loss"]),
+                               rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(grad), reference[f"{negatives}/{level}/grad"],
+                               rtol=1e-4, atol=1e-7)
+
+
+def test_negatives_are_kept_by_default_as_in_every_dinov3_config():
+    assert inspect.signature(gram_loss).parameters["negatives"].default == "keep"
+    reference = np.load(DINOV3_GRAM)
+    student, teacher = reference["student"], reference["teacher"]
+    np.testing.assert_allclose(float(gram_loss(student, teacher)),
+                               float(reference["keep/image/loss"]), rtol=1e-5)
 
 
 def test_zero_for_identical_features_and_scale_invariant(patches):
@@ -73,10 +100,10 @@ def test_batch_level_groups_keep_per_device_semantics(patches, batch_sharding):
     fn = jax.jit(lambda s, t: gram_loss(s, t, image_level=False, group_size=2))
     got = fn(s, t)
     assert "all-gather" not in fn.lower(s, t).compile().as_text()
-    per_device = [reference_gram_loss(np.asarray(a.data), np.asarray(b.data), False, "remove")
+    per_device = [reference_gram_loss(np.asarray(a.data), np.asarray(b.data), False, "keep")
                   for a, b in zip(s.addressable_shards, t.addressable_shards)]
     np.testing.assert_allclose(float(got), np.mean(per_device), rtol=1e-5)
-    whole = reference_gram_loss(student, teacher, False, "remove")
+    whole = reference_gram_loss(student, teacher, False, "keep")
     assert abs(float(got) - whole) > 1e-3  # the global-batch Gram is a different loss
     with pytest.raises(ValueError, match="group_size"):
         gram_loss(student, teacher, image_level=False, group_size=3)

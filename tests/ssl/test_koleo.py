@@ -39,6 +39,13 @@ def test_matches_float64_reference_and_lightly(features):
     np.testing.assert_allclose(float(got), np.mean(per_crop), rtol=1e-5)
 
 
+def test_value_times_crop_count_is_dinov3s_sum_over_global_crops(features):
+    """DINOv3 adds 0.1 · n_global_crops · (crop mean): the caller's 0.1 · G · koleo_loss."""
+    per_crop = [reference_koleo_terms(crop).mean() for crop in features]  # KoLeoLoss per crop
+    np.testing.assert_allclose(features.shape[0] * float(koleo_loss(features)), sum(per_crop),
+                               rtol=1e-5)
+
+
 def test_groups_search_neighbours_within_each_group_only(features):
     got = koleo_loss(features, group_size=4)
     want = np.mean([reference_koleo_terms(crop[g:g + 4])
