@@ -20,18 +20,20 @@ from braindino_jax.ssl.dtypes import as_loss_dtype
 from braindino_jax.ssl.normalize import l2_normalize
 
 
-def _as_samples(probs: jax.Array) -> jax.Array:
-    return as_loss_dtype(probs).reshape(-1, jnp.shape(probs)[-1])
+def _leading(x: jax.Array) -> tuple[int, ...]:
+    """Every axis but the last: the samples, reduced in place (a reshape to [-1, K] would merge
+    a sharded batch axis with the crop axis and all-gather the whole array)."""
+    return tuple(range(jnp.ndim(x) - 1))
 
 
 def target_entropy(teacher_probs: jax.Array) -> jax.Array:
     """Mean over samples of the entropy (nats) of the teacher targets [..., K]."""
-    return jnp.mean(jnp.sum(entr(_as_samples(teacher_probs)), axis=-1))
+    return jnp.mean(jnp.sum(entr(as_loss_dtype(teacher_probs)), axis=-1))
 
 
 def effective_prototypes(teacher_probs: jax.Array) -> jax.Array:
     """exp(entropy of the batch-mean target): how many prototypes the batch really uses."""
-    mean_target = jnp.mean(_as_samples(teacher_probs), axis=0)
+    mean_target = jnp.mean(as_loss_dtype(teacher_probs), axis=_leading(teacher_probs))
     return jnp.exp(jnp.sum(entr(mean_target)))
 
 
@@ -42,19 +44,19 @@ def student_teacher_kl(student_logits: jax.Array, teacher_probs: jax.Array,
         raise ValueError(
             f"student_logits/teacher_probs: shapes differ, {jnp.shape(student_logits)} and "
             f"{jnp.shape(teacher_probs)}")
-    q = _as_samples(teacher_probs)
-    log_p = jax.nn.log_softmax(_as_samples(student_logits) / student_temp, axis=-1)
+    q = as_loss_dtype(teacher_probs)
+    log_p = jax.nn.log_softmax(as_loss_dtype(student_logits) / student_temp, axis=-1)
     cross = -jnp.sum(q * log_p, axis=-1)
     return jnp.mean(cross - jnp.sum(entr(q), axis=-1))
 
 
 def feature_std(features: jax.Array) -> jax.Array:
-    """Std across the batch of L2-normalised features [B, D], averaged over dimensions.
+    """Std across the batch of L2-normalised features [..., B, D], averaged over dimensions.
 
     0 when all samples share one feature; about 1/sqrt(D) for features spread over the sphere.
     """
     x = l2_normalize(as_loss_dtype(features), 1e-8)
-    return jnp.mean(jnp.std(x.reshape(-1, x.shape[-1]), axis=0))
+    return jnp.mean(jnp.std(x, axis=_leading(x)))
 
 
 def collapse_diagnostics(teacher_probs: jax.Array, student_logits: jax.Array,

@@ -76,7 +76,7 @@ def build(spec: TrainSpec, mesh: Mesh | None = None) -> TrainSetup:
         # Each device must hold whole groups, or KoLeo/Gram/iBOT would cross devices.
         raise ValueError(f"mesh of {mesh.size} devices cannot hold the spec's {spec.groups} groups")
     bound = mask_group_bound(spec.pipeline, spec.process_count)
-    step_fn = make_step_fn(spec, networks, optimizer, bound)
+    step_fn = make_step_fn(spec, networks, optimizer, bound, sharding.replicated(mesh))
     step = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
                    out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
     return TrainSetup(spec, mesh, networks, optimizer, bound, abstract_state, state_sharding,

@@ -75,13 +75,27 @@ def _targets(spec: TrainSpec, logits: jax.Array, center: jax.Array, temp: jax.Ar
 
 
 def make_step_fn(spec: TrainSpec, networks: Networks, optimizer: optax.GradientTransformationExtraArgs,
-                 mask_bound: int) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+                 mask_bound: int, compute_sharding: Any = None,
+                 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The pure step function (jit it with ``train.setup``'s shardings).
 
     KoLeo, batch-level Gram and the iBOT gather work per group of ``spec.group_batch``
     consecutive samples (``spec.groups`` groups: one per device by default, DINOv3's per-GPU
     semantics); ``mask_bound`` is the iBOT buffer slots per group.
+
+    ``compute_sharding`` (a replicated NamedSharding) is where the forward and backward passes
+    see the weights: FSDP keeps parameters, optimizer state and the EMA update sharded at rest,
+    and each step gathers the weights for compute (the gradient's transpose is a
+    reduce-scatter). Without it XLA may propagate the weights' split into the activations and
+    move them between devices (all-to-alls inside attention) instead of the weights.
     """
+
+    def for_compute(params):
+        if compute_sharding is None:
+            return params
+        return jax.lax.with_sharding_constraint(
+            params, jax.tree.map(lambda _: compute_sharding, params))
+
     groups = spec.groups
     loss_spec = spec.loss
     aug = spec.augment
@@ -100,7 +114,7 @@ def make_step_fn(spec: TrainSpec, networks: Networks, optimizer: optax.GradientT
         masks = batch["masks"].reshape(b * N_GLOBAL, -1)
 
         # Teacher: targets for the DINO (CLS) and iBOT (masked patch) losses; no gradient.
-        teacher = networks.teacher(jax.lax.stop_gradient(state.teacher))
+        teacher = networks.teacher(for_compute(jax.lax.stop_gradient(state.teacher)))
         t_out = teacher.backbone(global_crops)
         t_cls = crop_major(teacher.dino_head(t_out["x_norm_clstoken"]), b)        # [2, B, K]
         t_patches, weights = gather_masked(t_out["x_norm_patchtokens"], masks, groups, mask_bound)
@@ -110,11 +124,11 @@ def make_step_fn(spec: TrainSpec, networks: Networks, optimizer: optax.GradientT
         dino_targets = _targets(spec, t_cls, state.dino_center, temp)
         ibot_targets = _targets(spec, t_ibot, state.ibot_center, temp, valid)
         if loss_spec.gram_weight:
-            gram_backbone = networks.gram_teacher(state.gram_teacher)
+            gram_backbone = networks.gram_teacher(for_compute(state.gram_teacher))
             gram_targets = jax.lax.stop_gradient(gram_backbone(global_crops)["x_norm_patchtokens"])
 
         def loss_fn(params):
-            student = networks.student(params)
+            student = networks.student(for_compute(params))
             s_out = student.backbone(global_crops, masks, key=k_global)
             s_cls = crop_major(student.dino_head(s_out["x_norm_clstoken"]), b)     # [2, B, K]
             if n_local:

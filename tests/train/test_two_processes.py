@@ -9,13 +9,11 @@ import sys
 import textwrap
 from pathlib import Path
 
-import jax
 import pytest
 
 from braindino_jax.train import setup as train_setup
-from braindino_jax.train.sharding import make_mesh
 
-from .conftest import put, synthetic_batch, tiny_spec
+from .conftest import built, put, synthetic_batch
 
 HERE = Path(__file__).resolve().parent
 STEPS = 3
@@ -33,8 +31,7 @@ WORKER = textwrap.dedent("""
     import numpy as np
     from conftest import synthetic_batch, tiny_spec
     from braindino_jax.train import setup as train_setup
-    from braindino_jax.train.sharding import make_mesh
-    assert jax.device_count() == 8 and jax.local_device_count() == 4
+        assert jax.device_count() == 8 and jax.local_device_count() == 4
     spec = tiny_spec()
     setup = train_setup.build(spec, make_mesh(8, 1))
     state = train_setup.init_state(setup)
@@ -60,8 +57,8 @@ def _free_port() -> int:
 
 
 def test_two_processes_match_one_process_with_eight_devices(tmp_path):
-    spec = tiny_spec()
-    setup = train_setup.build(spec, make_mesh(8, 1))
+    setup = built(8)  # the same spec and mesh shape as the workers', compiled once per session
+    spec = setup.spec
     state = train_setup.init_state(setup)
     expected = []
     for i in range(STEPS):
