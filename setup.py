@@ -32,12 +32,16 @@ setup(
         "safetensors>=0.4",
         "pillow>=10",
         "tqdm>=4.66",
+        "tensorboardX>=2.6",
+        "matplotlib>=3.8",
     ],
     extras_require={
         # CPU-only torch is enough; the upper bound keeps pip on the release this machine ships.
         "test": [
             "pytest>=8",
             "pytest-timeout>=2.3",
+            # tensorboard's own event reader checks the event files tensorboardX writes.
+            "tensorboard>=2.15",
             "torch>=2.4,<=2.14.1",
             "torchvision>=0.19,<=0.29.1",
             "timm>=1.0.20",
@@ -51,6 +55,7 @@ setup(
             "braindino-prep=braindino_jax.cli.prep:main",
             "braindino-convert=braindino_jax.cli.convert:main",
             "braindino-preview=braindino_jax.cli.preview:main",
+            "braindino-train=braindino_jax.cli.train:main",
         ],
     },
 )

@@ -39,7 +39,8 @@ class ConfigError(ValueError):
 
 def _head(out_dim: int = 65536) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
-        out_dim=out_dim, hidden_dim=2048, bottleneck_dim=256, nlayers=3, dtype="float32"))
+        out_dim=out_dim, hidden_dim=2048, bottleneck_dim=256, nlayers=3, weight_norm=False,
+        dtype="float32"))
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -81,6 +82,11 @@ def default_config() -> ml_collections.ConfigDict:
         batch_size=1024, epochs=100.0, epoch_length=1250, seed=0, max_consecutive_skips=3,
         log_every=10))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    c.checkpoint = ml_collections.ConfigDict(dict(
+        every=1250, keep=3, keep_every=0, async_save=True))  # keep_every 0: no permanent ones
+    # An optional evaluation of the teacher backbone every `every` steps: `hook` names a
+    # callable "package.module:function" taking (backbone, step) and returning {name: value}.
+    c.eval = ml_collections.ConfigDict(dict(every=0, hook=""))
     c.gram = ml_collections.ConfigDict(dict(
         enabled=False, teacher="", weight=1.0, image_level=True, negatives="keep",
         normalize=True))
@@ -237,6 +243,13 @@ def _head_config(config: ml_collections.ConfigDict, name: str, in_dim: int) -> H
         raise ConfigError(f"config.model.{name}: {str(exc).removeprefix('HeadConfig.')}") from exc
 
 
+def model_configs(config: ml_collections.ConfigDict) -> tuple[ViTConfig, HeadConfig, HeadConfig]:
+    """The backbone and the two head configs of a training config (validated)."""
+    vit = _vit(config)
+    return (vit, _head_config(config, "dino_head", vit.embed_dim),
+            _head_config(config, "ibot_head", vit.embed_dim))
+
+
 def _augment(config: ml_collections.ConfigDict, vit: ViTConfig) -> AugmentConfig:
     fields = dict(config.augment)
     for derived in _DERIVED_AUGMENT:
@@ -298,10 +311,9 @@ def build_spec(config: ml_collections.ConfigDict, device_count: int | None = Non
     process_count = jax.process_count() if process_count is None else process_count
     _check_positive(config, (
         "train.batch_size", "train.epochs", "train.epoch_length", "optim.lr", "loss.student_temp",
-        "teacher.temp", "teacher.warmup_temp", "train.max_consecutive_skips", "train.log_every"))
-    vit = _vit(config)
-    dino_head = _head_config(config, "dino_head", vit.embed_dim)
-    ibot_head = _head_config(config, "ibot_head", vit.embed_dim)
+        "teacher.temp", "teacher.warmup_temp", "train.max_consecutive_skips", "train.log_every",
+        "checkpoint.every", "checkpoint.keep"))
+    vit, dino_head, ibot_head = model_configs(config)
     augment = _augment(config, vit)
     mesh_shape = _mesh_shape(config, device_count)
 

@@ -217,6 +217,9 @@ def make_step_fn(spec: TrainSpec, networks: Networks, optimizer: optax.GradientT
             **{f"grad_norm/{k}": v for k, v in grad_norms.items()},
             **{f"diagnostics/{k}": v for k, v in diag.items() if k != "koleo"},
             "ibot_masked_tokens": jnp.sum(valid),
+            # A fingerprint of the batch (wrapping pixel sum, 24 bits: exact as a float), so a
+            # resumed run can show it sees the very batches an uninterrupted one would.
+            "input_checksum": jnp.sum(pixels, dtype=jnp.uint32) & 0xFFFFFF,
             "skipped": (~apply).astype(jnp.int32),
             "skipped_total": new_guard["skipped"],
             "halted_at": new_guard["halted_at"],
