@@ -32,6 +32,9 @@ setup(
         "safetensors>=0.4",
         "pillow>=10",
         "tqdm>=4.66",
+        "scikit-learn>=1.4",
+        "lifelines>=0.28",
+        "matplotlib>=3.8",
     ],
     extras_require={
         # CPU-only torch is enough; the upper bound keeps pip on the release this machine ships.
@@ -51,6 +54,7 @@ setup(
             "braindino-prep=braindino_jax.cli.prep:main",
             "braindino-convert=braindino_jax.cli.convert:main",
             "braindino-preview=braindino_jax.cli.preview:main",
+            "braindino-probe=braindino_jax.cli.probe:main",
         ],
     },
 )
