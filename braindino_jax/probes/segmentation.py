@@ -194,14 +194,16 @@ def train_decoder(
     tx = _optimizer(settings.learning_rate, settings.weight_decay)
     opt_state = tx.init(state)
     rng = np.random.default_rng(settings.seed)
-    best, best_state, best_step, since, losses = -math.inf, state, 0, 0, []
+    best, best_state, best_step, since, losses, window = -math.inf, state, 0, 0, [], []
     step = 0
     for step in range(1, settings.steps + 1):
         take = rng.integers(0, len(features), settings.batch_size)
         state, opt_state, loss = _step(graphdef, tx, state, opt_state, jnp.asarray(features[take]),
                                        jnp.asarray(classes[take]))
+        window.append(loss)  # device scalars: read once per evaluation, not per step
         if step % settings.eval_every == 0 or step == settings.steps:
-            losses.append(float(loss))
+            losses.append(float(jnp.mean(jnp.stack(window))))
+            window = []
             current = nnx.merge(graphdef, state)
             score = mean_dice(current, val, n_classes)
             score = score if math.isfinite(score) else -math.inf
@@ -211,5 +213,6 @@ def train_decoder(
                 since += 1
                 if since >= settings.patience:
                     break
+    # train_loss: the mean minibatch loss of each evaluation interval.
     summary = {"best_step": best_step, "steps_run": step, "val_dice_mean": best, "train_loss": losses}
     return nnx.merge(graphdef, best_state), summary
