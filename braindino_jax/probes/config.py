@@ -32,6 +32,7 @@ TOKENS = ("cls", "patch_mean", "cls+patch_mean")
 POOLINGS = ("mean", "max", "attention")
 MODALITY_FUSIONS = ("average", "concat")
 DTYPES = ("float32", "bfloat16")
+ATTENTIONS = ("auto", "dot_product", "einsum")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -76,6 +77,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.extract = ml_collections.ConfigDict(dict(
         batch_size=128,  # slices per forward pass (rounded up to a multiple of the devices)
         dtype="float32",  # matmul dtype of the encoder: float32 | bfloat16
+        attention="auto",  # auto (einsum for bfloat16 on CPU, else the model's) | dot_product | einsum
         workers=2,  # preprocessing processes (0: in the main process)
         cache_dir="",  # default: <output_dir>/feature_cache
         progress=True,
@@ -120,6 +122,22 @@ def default_config() -> ml_collections.ConfigDict:
         n_slices=3,  # slices per volume in those figures
         tsne=True,
     ))
+    return c
+
+
+def csv_task_config(name: str, task_type: str, csv: str | None, heads: tuple[str, ...],
+                    label_fractions: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0)) -> ml_collections.ConfigDict:
+    """What the shipped CSV task configs share: a task read from ``csv`` (default task.csv) with
+    these heads and label fractions, three seeds, and a learning-rate grid."""
+    c = default_config()
+    c.name = c.task.name = name
+    c.output_dir = f"probe_out/{name}"
+    c.task.type = task_type
+    c.task.csv = csv or "task.csv"
+    c.heads = heads
+    c.train.learning_rates = (1e-3, 1e-2)
+    c.protocol.label_fractions = label_fractions
+    c.protocol.seeds = (0, 1, 2)
     return c
 
 
@@ -216,6 +234,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _positive_int(config, "extract.workers", 0)
     if config.extract.dtype not in DTYPES:
         _fail("extract.dtype", f"expected one of {DTYPES}, got {config.extract.dtype!r}")
+    if config.extract.attention not in ATTENTIONS:
+        _fail("extract.attention", f"expected one of {ATTENTIONS}, got {config.extract.attention!r}")
     f = config.features
     for field, allowed in (("token", TOKENS), ("pooling", POOLINGS), ("modalities", MODALITY_FUSIONS)):
         if f[field] not in allowed:

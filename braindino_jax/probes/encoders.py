@@ -26,6 +26,7 @@ import os
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -132,8 +133,18 @@ def _load_weights(kind: str, path: str, spec: str) -> VisionTransformer:
     return load_backbone(path)[0]
 
 
-def load_encoder(spec: str, dtype: str | None = None) -> Encoder:
-    """Load the backbone a spec names, in eval mode, with matmuls in ``dtype`` if given.
+def resolve_attention(attention: str, dtype: str) -> str | None:
+    """A probe config's ``extract.attention``: "auto" is einsum attention for 16-bit matmuls on
+    the CPU backend, where XLA's dot_product_attention is 2-3x slower (see
+    benchmarks/probe_throughput.py), and the model's own setting (None) everywhere else."""
+    if attention != "auto":
+        return attention
+    return "einsum" if dtype != "float32" and jax.default_backend() == "cpu" else None
+
+
+def load_encoder(spec: str, dtype: str | None = None, attention: str | None = None) -> Encoder:
+    """Load the backbone a spec names, in eval mode, with matmuls in ``dtype`` and the given
+    attention implementation ("dot_product" or "einsum") if given.
 
     Raises ProbeConfigError naming the spec for a malformed spec or unreadable weights.
     """
@@ -151,7 +162,7 @@ def load_encoder(spec: str, dtype: str | None = None) -> Encoder:
         if isinstance(err, ProbeConfigError):
             raise
         raise ProbeConfigError(f"encoder {spec!r}: {err}") from err
-    model = with_execution(model, dtype=dtype or model.config.dtype)
+    model = with_execution(model, dtype=dtype or model.config.dtype, attention=attention or model.config.attention)
     return Encoder(spec=spec, model=model, fingerprint=fingerprint(model))
 
 
@@ -159,7 +170,10 @@ def with_execution(model: VisionTransformer, **changes) -> VisionTransformer:
     """The same parameters under other execution settings (dtype, attention), in eval mode.
 
     Block parameters stacked for ``nnx.scan`` are unstacked, so that intermediate layers can be
-    read block by block.
+    read block by block. With a 16-bit dtype every Linear and Conv returns float32: XLA's CPU
+    backend runs bf16 x bf16 -> bf16 products on a slow path but bf16 x bf16 -> f32 ones on
+    its fast one (2-4x faster on AVX512-BF16/AMX; benchmarks/probe_throughput.py), and the
+    float32 result is also the more accurate (the residual stream is float32 anyway).
     """
     config = model.config.replace(scan_blocks=False, remat=False, drop_path_rate=0.0, **changes)
     state = nnx.state(model)
@@ -173,6 +187,10 @@ def with_execution(model: VisionTransformer, **changes) -> VisionTransformer:
     else:
         graphdef, _ = nnx.split(abstract_vit(config))
     out = nnx.merge(graphdef, state)
+    if config.dtype != "float32":
+        for _, module in nnx.iter_modules(out):
+            if isinstance(module, (nnx.Linear, nnx.Conv)):
+                module.preferred_element_type = jnp.float32
     out.eval()
     return out
 

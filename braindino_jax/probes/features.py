@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from braindino_jax.data.augment import crop_resize
+from braindino_jax.models.config import ViTConfig
 from braindino_jax.preprocessing.config import PrepConfig
 from braindino_jax.preprocessing.errors import VolumeError
 from braindino_jax.probes.cache import FeatureCache, feature_key, file_sha256
@@ -50,9 +51,10 @@ class ExtractionSettings:
     layers: tuple[int, ...] = ()  # blocks whose final-normed patch maps are kept (segmentation)
     batch_size: int = 128  # slices per forward pass
 
-    def cache_settings(self, dtype: str) -> dict[str, Any]:
+    def cache_settings(self, config: ViTConfig) -> dict[str, Any]:
+        """These settings and the encoder's execution settings, for the cache key."""
         return {"prep": self.prep.to_dict(), "image_size": self.image_size, "layers": list(self.layers),
-                "dtype": dtype}
+                "dtype": config.dtype, "attention": config.attention}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,8 +231,14 @@ def extract_features(
     ``failures`` with its reason; the others go on."""
     extractor = extractor or FeatureExtractor(encoder, settings)
     start = time.perf_counter()
-    cache_settings = settings.cache_settings(encoder.config.dtype)
-    keys = {job: feature_key(encoder.fingerprint, cache_settings, job_digest(job)) for job in dict.fromkeys(jobs)}
+    cache_settings = settings.cache_settings(encoder.config)
+    keys: dict[VolumeJob, str] = {}
+    failures: dict[VolumeJob, str] = {}
+    for job in dict.fromkeys(jobs):
+        try:
+            keys[job] = feature_key(encoder.fingerprint, cache_settings, job_digest(job))
+        except OSError as err:  # unreadable: reported like any volume that fails to preprocess
+            failures[job] = f"{err.filename or job.path}: {err.strerror or err}"
     features: dict[VolumeJob, dict[str, np.ndarray]] = {}
     todo = []
     for job, key in keys.items():
@@ -239,8 +247,8 @@ def extract_features(
             features[job] = cached
         else:
             todo.append(job)
-    bar = tqdm(total=len(keys), unit="vol", desc=encoder.spec, disable=not progress, initial=len(features))
-    failures: dict[VolumeJob, str] = {}
+    total = len(keys) + len(failures)
+    bar = tqdm(total=total, unit="vol", desc=encoder.spec, disable=not progress, initial=len(features) + len(failures))
     stats = collections.Counter()
     chunks: dict[VolumeJob, list[dict[str, np.ndarray]]] = {}
     volumes: dict[VolumeJob, ProbeVolume] = {}
@@ -285,7 +293,7 @@ def extract_features(
     while in_flight:
         collect(*in_flight.popleft())
     bar.close()
-    stats.update(volumes=len(keys), cache_hits=len(keys) - len(todo), embedded=len(todo) - len(failures),
+    stats.update(volumes=total, cache_hits=len(keys) - len(todo), embedded=len(features) - (len(keys) - len(todo)),
                  failed=len(failures), forward_passes=extractor.forward_passes,
                  wall_s=time.perf_counter() - start)
     return Extraction(features=features, failures=failures, stats=dict(stats))

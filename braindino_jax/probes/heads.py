@@ -27,6 +27,7 @@ from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
 
 from braindino_jax.probes import metrics
 from braindino_jax.probes.aggregation import AttentionPool, fuse_modalities
+from braindino_jax.probes.early_stopping import EarlyStopping
 from braindino_jax.probes.survival import c_index, cox_loss, survival_metrics
 
 # ----------------------------------------------------------------------------------------------
@@ -259,8 +260,7 @@ def train_head(
     opt_state = _ADAM.init(state)
     lr, penalty = jnp.float32(settings.learning_rate), jnp.float32(settings.weight_decay)
 
-    best = (-math.inf, -math.inf)
-    best_state, best_epoch, since = state, 0, 0
+    stopping = EarlyStopping(settings.patience, state)
     epoch = 0
     for epoch in range(1, settings.epochs + 1):
         index, weight = _epoch_indices(n, batch, rng)
@@ -270,14 +270,11 @@ def train_head(
         val_outputs = np.asarray(_apply(graphdef, state, x_val))[:n_val]
         score = objective.score(val[1], objective.predictions(val_outputs))
         candidate = (score if math.isfinite(score) else -math.inf, -val_loss if math.isfinite(val_loss) else -math.inf)
-        if candidate > best:
-            best, best_state, best_epoch, since = candidate, state, epoch, 0
-        else:
-            since += 1
-            if since >= settings.patience:
-                break
-    summary = {"best_epoch": best_epoch, "epochs_run": epoch, "val_score": best[0], "val_loss": -best[1]}
-    return nnx.merge(graphdef, best_state), summary
+        if stopping.update(candidate, state, epoch):
+            break
+    best = stopping.best_score
+    summary = {"best_epoch": stopping.best_step, "epochs_run": epoch, "val_score": best[0], "val_loss": -best[1]}
+    return nnx.merge(graphdef, stopping.best_state), summary
 
 
 def predict(net: ProbeNet, objective: Objective, x: np.ndarray) -> np.ndarray:

@@ -27,14 +27,13 @@ from braindino_jax.probes import visualize
 from braindino_jax.probes.aggregation import fuse_modalities, pool_slices, row_inputs, slice_tokens
 from braindino_jax.probes.cache import FeatureCache
 from braindino_jax.probes.config import HEADLINE, prep_config, validate
-from braindino_jax.probes.encoders import Encoder, fingerprint, load_encoder, parse_spec
+from braindino_jax.probes.encoders import Encoder, fingerprint, load_encoder, parse_spec, resolve_attention
 from braindino_jax.probes.errors import ProbeInputError
 from braindino_jax.probes.features import (
     Extraction,
     ExtractionSettings,
     FeatureExtractor,
     VolumeJob,
-    check_compatible,
     extract_features,
 )
 from braindino_jax.probes.heads import (
@@ -82,6 +81,11 @@ def extraction_settings(config: ml_collections.ConfigDict) -> ExtractionSettings
                               batch_size=config.extract.batch_size)
 
 
+def probe_encoder(spec: str, config: ml_collections.ConfigDict) -> Encoder:
+    """Load an encoder under the config's extraction settings."""
+    return load_encoder(spec, config.extract.dtype, resolve_attention(config.extract.attention, config.extract.dtype))
+
+
 def slug(spec: str) -> str:
     """A file-name-safe form of an encoder spec."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", spec).strip("_")[:80]
@@ -107,9 +111,9 @@ def run_probe(config: ml_collections.ConfigDict) -> dict[str, Any]:
     encoders: dict[str, Any] = {}
     failures: dict[str, str] = {}
     for spec in config.encoders:
-        encoder = load_encoder(spec, config.extract.dtype)
-        check_compatible(encoder, settings)
-        log.info("encoder %s: %s, fingerprint %s", spec, encoder.config.embed_dim, encoder.fingerprint[:12])
+        encoder = probe_encoder(spec, config)
+        log.info("encoder %s: ViT embed_dim %d, depth %d, patch %d; fingerprint %s", spec, encoder.config.embed_dim,
+                 encoder.config.depth, encoder.config.patch_size, encoder.fingerprint[:12])
         extraction = extract_features(encoder, [j for jobs in jobs_by_row for j in jobs], settings, cache,
                                       workers=config.extract.workers, progress=config.extract.progress)
         failures.update({job.path: reason for job, reason in extraction.failures.items()})
@@ -205,8 +209,8 @@ def _head_sweeps(config, task, task_config, splits, valid, jobs_by_row, extracti
                                 {HEADLINE[task.type]: score})
                     predictions = None
                 else:
-                    net, predictions, run = _fit_best(config, head, objective, x_tr, targets[tr], x_va,
-                                                      targets[va], x_te, n_modalities, attention, seed)
+                    predictions, run = _fit_best(config, head, objective, x_tr, targets[tr], x_va, targets[va],
+                                                 x_te, n_modalities, attention, seed)
                     values = objective.metrics(targets[te], predictions)
                     values = _with_ci(values, task, targets[te], predictions, config.protocol.bootstrap, seed)
                     if task.type == "classification":
@@ -225,7 +229,7 @@ def _head_sweeps(config, task, task_config, splits, valid, jobs_by_row, extracti
 
 
 def _fit_best(config, head, objective: Objective, x_tr, y_tr, x_va, y_va, x_te, n_modalities, attention, seed):
-    """Train one head per (learning rate, penalty) of the grid; keep the best on val."""
+    """Train one head per (learning rate, penalty) of the grid; the best on val predicts test."""
     best = None
     in_dim = x_tr.shape[-1]
     for lr in config.train.learning_rates:
@@ -239,7 +243,7 @@ def _fit_best(config, head, objective: Objective, x_tr, y_tr, x_va, y_va, x_te, 
             if best is None or key > best[0]:
                 best = (key, net, {**run, "learning_rate": float(lr), "weight_decay": float(wd)})
     _, net, run = best
-    return net, predict(net, objective, x_te), run
+    return predict(net, objective, x_te), run
 
 
 def _knn(config, objective: Objective, inputs, targets, tr, va, te, task: Task, seed):
@@ -266,6 +270,9 @@ def _segmentation_sweeps(config, task, task_config, splits, valid, jobs_by_row, 
         [np.unique(extraction.features[jobs_by_row[i][0]]["labels"]) for i in valid]).tolist())))
     n_classes = len(label_values)
     class_names = tuple(task_config.class_names) or tuple(f"class_{v}" for v in label_values)
+    if len(class_names) != n_classes:
+        raise ProbeInputError(f"{task.csv}: config.task.class_names has {len(class_names)} names but the masks "
+                              f"hold {n_classes} label values {label_values}; set config.task.label_values")
     volumes = []
     for i in valid:
         arrays = extraction.features[jobs_by_row[i][0]]
@@ -392,7 +399,7 @@ def figures(config: ml_collections.ConfigDict, specs: list[str], volumes: list[s
         jobs_by_row = [[VolumeJob(path) for path in row.paths] for row in task.rows]
         cache = FeatureCache(config.extract.cache_dir or Path(config.output_dir) / "feature_cache")
     for spec in specs:
-        encoder = load_encoder(spec, config.extract.dtype)
+        encoder = probe_encoder(spec, config)
         target = out_dir / f"{slug(encoder.spec)}-{encoder.fingerprint[:8]}"
         if volumes:
             volume_figures(encoder, volumes, [Path(v).name.split(".")[0] for v in volumes], config, target)

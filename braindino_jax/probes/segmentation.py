@@ -29,6 +29,8 @@ import optax
 from flax import nnx
 from sklearn.metrics import f1_score
 
+from braindino_jax.probes.early_stopping import EarlyStopping
+
 
 class UpsampleBlock(nnx.Module):
     """A 2x2, stride-2 transposed convolution. Its kernel windows do not overlap, so it equals a
@@ -194,7 +196,7 @@ def train_decoder(
     tx = _optimizer(settings.learning_rate, settings.weight_decay)
     opt_state = tx.init(state)
     rng = np.random.default_rng(settings.seed)
-    best, best_state, best_step, since, losses, window = -math.inf, state, 0, 0, [], []
+    stopping, losses, window = EarlyStopping(settings.patience, state), [], []
     step = 0
     for step in range(1, settings.steps + 1):
         take = rng.integers(0, len(features), settings.batch_size)
@@ -204,15 +206,10 @@ def train_decoder(
         if step % settings.eval_every == 0 or step == settings.steps:
             losses.append(float(jnp.mean(jnp.stack(window))))
             window = []
-            current = nnx.merge(graphdef, state)
-            score = mean_dice(current, val, n_classes)
-            score = score if math.isfinite(score) else -math.inf
-            if score > best:
-                best, best_state, best_step, since = score, state, step, 0
-            else:
-                since += 1
-                if since >= settings.patience:
-                    break
+            score = mean_dice(nnx.merge(graphdef, state), val, n_classes)
+            if stopping.update(score if math.isfinite(score) else -math.inf, state, step):
+                break
     # train_loss: the mean minibatch loss of each evaluation interval.
-    summary = {"best_step": best_step, "steps_run": step, "val_dice_mean": best, "train_loss": losses}
-    return nnx.merge(graphdef, best_state), summary
+    summary = {"best_step": stopping.best_step, "steps_run": step, "val_dice_mean": stopping.best_score,
+               "train_loss": losses}
+    return nnx.merge(graphdef, stopping.best_state), summary

@@ -6,17 +6,8 @@ add --config.task.type=regression.
     braindino-probe --config configs/probes/knn.py:adni.csv
 """
 
-from braindino_jax.probes.config import default_config
+from braindino_jax.probes.config import csv_task_config
 
 
 def get_config(arg: str | None = None):
-    c = default_config()
-    c.name = "knn"
-    c.output_dir = "probe_out/knn"
-    c.task.name = "knn"
-    c.task.type = "classification"
-    c.task.csv = arg or "task.csv"
-    c.heads = ("knn",)
-    c.protocol.label_fractions = (0.1, 0.25, 0.5, 1.0)
-    c.protocol.seeds = (0, 1, 2)
-    return c
+    return csv_task_config("knn", "classification", arg, heads=("knn",))

@@ -7,19 +7,10 @@ CSV columns: path (or one column per modality), subject, time, event (1 = observ
         --config.task.image_columns='("t1c", "flair")' --config.features.modalities=concat
 """
 
-from braindino_jax.probes.config import default_config
+from braindino_jax.probes.config import csv_task_config
 
 
 def get_config(arg: str | None = None):
-    c = default_config()
-    c.name = "survival"
-    c.output_dir = "probe_out/survival"
-    c.task.name = "survival"
-    c.task.type = "survival"
-    c.task.csv = arg or "task.csv"
-    c.heads = ("linear", "mlp")
-    c.train.learning_rates = (1e-3, 1e-2)
+    c = csv_task_config("survival", "survival", arg, heads=("linear", "mlp"), label_fractions=(0.25, 0.5, 1.0))
     c.train.weight_decays = (1e-3, 1e-1)
-    c.protocol.label_fractions = (0.25, 0.5, 1.0)
-    c.protocol.seeds = (0, 1, 2)
     return c

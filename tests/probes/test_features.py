@@ -105,7 +105,8 @@ def test_nibabel_test_volumes_go_through_extraction_and_bad_files_are_reported(e
     truncated = tmp_path / "truncated.nii.gz"
     truncated.write_bytes(open(os.path.join(data_path, "example4d.nii.gz"), "rb").read()[:5000])
     jobs = [VolumeJob(os.path.join(data_path, n)) for n in names]
-    jobs += [VolumeJob(os.path.join(data_path, "analyze.hdr")), VolumeJob(str(truncated))]
+    jobs += [VolumeJob(os.path.join(data_path, "analyze.hdr")), VolumeJob(str(truncated)),
+             VolumeJob(str(tmp_path / "gone.nii.gz"))]
     prep = PrepConfig(n_slices=8, size=32, min_foreground_fraction=0.01, mask_method="otsu")
     result = extract_features(encoder, jobs, ExtractionSettings(prep, 32, batch_size=16))
     assert set(result.features) == set(jobs[:6])
@@ -117,6 +118,8 @@ def test_nibabel_test_volumes_go_through_extraction_and_bad_files_are_reported(e
     assert set(result.failures) == set(jobs[6:])
     assert "analyze.img does not exist" in result.failures[jobs[6]]
     assert result.failures[jobs[7]].startswith(str(truncated))
+    assert result.failures[jobs[8]] == f"{tmp_path / 'gone.nii.gz'}: No such file or directory"
+    assert result.stats["volumes"] == 9 and result.stats["embedded"] == 6 and result.stats["failed"] == 3
 
 
 def test_worker_processes_give_the_same_features(encoder, volumes):

@@ -147,3 +147,14 @@ def test_shipped_configs_validate(name):
     arg = {"demo": "segmentation"}.get(name, "task.csv")
     config = load_config(f"configs/probes/{name}.py:{arg}")
     assert config.encoders and config.heads
+
+
+def test_visualize_command_draws_pca_and_similarity_of_given_volumes(tmp_path, phantom_csv, tiny_arch, capsys):
+    volume = next((phantom_csv.parent / "images").glob("*_T1w.nii.gz"))
+    assert main(["visualize", "--encoder", f"random-active:{tiny_arch}", "--volume", str(volume),
+                 "--out", str(tmp_path), "--slices", "2", "--config", "configs/probes/demo.py",
+                 "--config.input.target_spacing=(3.0, 3.0, 3.0)", "--config.input.size=64",
+                 "--config.input.image_size=64"]) == 0
+    written = capsys.readouterr().out
+    assert written.count("wrote ") == 2 and "pca.png" in written and "similarity.png" in written
+    assert all(p.stat().st_size > 0 for p in tmp_path.rglob("*.png"))
