@@ -47,7 +47,7 @@ def default_config() -> ml_collections.ConfigDict:
         name="task",
         type="classification",
         csv="",
-        phantoms=0,  # > 0: write (once) and use that many phantom subjects in <output_dir>/phantom_task
+        phantoms=0,  # > 0: instead of csv, that many phantom subjects in <output_dir>/phantom_task
         image_columns=("path",),  # several columns: one modality each
         subject_column="subject",
         split_column="split",  # optional in the CSV: train / val / test

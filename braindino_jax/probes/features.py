@@ -140,14 +140,15 @@ def _compiled_forward(graphdef: nnx.GraphDef, image_size: int, layers: tuple[int
 
 
 class FeatureExtractor:
-    """Forward passes of one frozen encoder over fixed-size slice batches on all devices.
+    """Forward passes of one frozen encoder over fixed-size slice batches on all local devices
+    (in a multi-process run each process featurises the volumes it is given on its own devices).
 
     ``forward_passes`` counts the batches run, so a caller (or a test) can see cache hits.
     """
 
     def __init__(self, encoder: Encoder, settings: ExtractionSettings, devices: Sequence[jax.Device] | None = None):
         check_compatible(encoder, settings)
-        devices = list(devices or jax.devices())
+        devices = list(devices or jax.local_devices())
         self.mesh = Mesh(np.array(devices), ("data",))
         self.batch_size = -(-settings.batch_size // len(devices)) * len(devices)
         self.size = settings.prep.size

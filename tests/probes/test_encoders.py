@@ -6,7 +6,6 @@ import json
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from braindino_jax.models.convert import export_backbone, save_flax_checkpoint
 from braindino_jax.models.vit import build_vit

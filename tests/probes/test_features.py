@@ -69,6 +69,11 @@ def test_sharded_extraction_matches_one_device_and_pads_the_last_batch(encoder, 
     out = eight.dispatch(volume.pixels[:5], np.full(5, volume.fg_mean), np.full(5, volume.fg_std))
     assert len(out["cls"].sharding.device_set) == 8 and out["cls"].shape == (16, 64)
     assert out["cls"].addressable_shards[0].data.shape == (2, 64)
+    # Data parallel with replicated parameters: the compiled program moves nothing between devices.
+    pixels = np.zeros((16, 64, 64), np.uint8)
+    args = jax.device_put((pixels, np.zeros(16, np.float32), np.ones(16, np.float32)), eight._inputs)
+    hlo = eight._forward.lower(eight._state, *args).compile().as_text()
+    assert not any(op in hlo for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute"))
     a, b = eight.embed(volume), one.embed(volume)
     assert a["cls"].shape == (8, 64) and a["patch_1"].shape == (8, 4, 4, 64) and a["patch_1"].dtype == np.float16
     for key in a:
