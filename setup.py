@@ -33,6 +33,8 @@ setup(
         "pillow>=10",
         "tqdm>=4.66",
         "tensorboardX>=2.6",
+        "scikit-learn>=1.4",
+        "lifelines>=0.28",
         "matplotlib>=3.8",
     ],
     extras_require={
@@ -56,6 +58,7 @@ setup(
             "braindino-convert=braindino_jax.cli.convert:main",
             "braindino-preview=braindino_jax.cli.preview:main",
             "braindino-train=braindino_jax.cli.train:main",
+            "braindino-probe=braindino_jax.cli.probe:main",
         ],
     },
 )
