@@ -697,7 +697,8 @@ def save_flax_checkpoint(
 
 
 def load_flax_checkpoint(directory: str | os.PathLike) -> tuple[VisionTransformer, dict[str, DINOHead]]:
-    """Inverse of :func:`save_flax_checkpoint`."""
+    """Inverse of :func:`save_flax_checkpoint`, in eval mode (no drop path or RoPE jitter:
+    a loaded checkpoint is usually for features; call ``.train()`` to fine-tune)."""
     import orbax.checkpoint as ocp
 
     directory = os.path.abspath(os.fspath(directory))
@@ -718,5 +719,6 @@ def load_flax_checkpoint(directory: str | os.PathLike) -> tuple[VisionTransforme
     for name, (graphdef, state) in splits.items():
         nnx.replace_by_pure_dict(state, restored[name])
         built[name] = nnx.merge(graphdef, state)
+        built[name].eval()
     backbone = built.pop("backbone")
     return backbone, built

@@ -120,7 +120,10 @@ def _load_workdir(path: str, step: int | None) -> VisionTransformer:
         from braindino_jax.train.checkpoint import load_teacher_backbone
     except ImportError as err:
         raise ProbeConfigError(f"workdir:{path}: reading training runs needs braindino_jax.train ({err})") from err
-    return load_teacher_backbone(path, step)
+    try:
+        return load_teacher_backbone(path, step)
+    except CheckpointError as err:
+        raise ProbeConfigError(f"workdir:{path}: {err}") from err
 
 
 def _load_weights(kind: str, path: str, spec: str) -> VisionTransformer:

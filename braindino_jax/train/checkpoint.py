@@ -29,6 +29,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from braindino_jax.models.convert import CheckpointError
 from braindino_jax.models.heads import DINOHead
 from braindino_jax.models.vit import VisionTransformer
 from braindino_jax.train.state import TrainState
@@ -36,10 +37,6 @@ from braindino_jax.train.state import TrainState
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 EXPORT = "export"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written or read; the message names the directory and step."""
 
 
 def config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -112,7 +112,10 @@ def test_nibabel_test_volumes_go_through_extraction_and_bad_files_are_reported(e
     jobs = [VolumeJob(os.path.join(data_path, n)) for n in names]
     jobs += [VolumeJob(os.path.join(data_path, "analyze.hdr")), VolumeJob(str(truncated)),
              VolumeJob(str(tmp_path / "gone.nii.gz"))]
-    prep = PrepConfig(n_slices=8, size=32, min_foreground_fraction=0.01, mask_method="otsu")
+    # These test volumes are not brains: some have a field of view under the 60 mm default, and
+    # standard.nii.gz has 3 mm coronal slices (3x upsampling to axial).
+    prep = PrepConfig(n_slices=8, size=32, min_foreground_fraction=0.01, mask_method="otsu",
+                      min_extent_mm=0.0, max_slice_upsampling=3.0)
     result = extract_features(encoder, jobs, ExtractionSettings(prep, 32, batch_size=16))
     assert set(result.features) == set(jobs[:6])
     for job in jobs[:6]:
@@ -125,6 +128,9 @@ def test_nibabel_test_volumes_go_through_extraction_and_bad_files_are_reported(e
     assert result.failures[jobs[7]].startswith(str(truncated))
     assert result.failures[jobs[8]] == f"{tmp_path / 'gone.nii.gz'}: No such file or directory"
     assert result.stats["volumes"] == 9 and result.stats["embedded"] == 6 and result.stats["failed"] == 3
+    small = VolumeJob(os.path.join(data_path, "standard.nii.gz"))
+    default = ExtractionSettings(PrepConfig(n_slices=8, size=32, mask_method="otsu"), 32, batch_size=16)
+    assert "max_slice_upsampling" in extract_features(encoder, [small], default).failures[small]
 
 
 def test_worker_processes_give_the_same_features(encoder, volumes):

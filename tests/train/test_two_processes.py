@@ -31,7 +31,8 @@ WORKER = textwrap.dedent("""
     import numpy as np
     from conftest import synthetic_batch, tiny_spec
     from braindino_jax.train import setup as train_setup
-        assert jax.device_count() == 8 and jax.local_device_count() == 4
+    from braindino_jax.train.sharding import make_mesh
+    assert jax.device_count() == 8 and jax.local_device_count() == 4
     spec = tiny_spec()
     setup = train_setup.build(spec, make_mesh(8, 1))
     state = train_setup.init_state(setup)
