@@ -1,4 +1,4 @@
-"""DINO CLS-token loss (DINOv2/DINOv3 weighting) and the teacher temperature schedule."""
+"""DINO CLS-token loss (DINOv2/DINOv3 weighting); the temperature schedule is in train/schedules."""
 
 from __future__ import annotations
 
@@ -10,17 +10,6 @@ import jax.numpy as jnp
 from braindino_jax.ssl.dtypes import as_loss_dtype
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def teacher_temperature(step: int | jax.Array, warmup_steps: int, start: float = 0.04,
-                        end: float = 0.07) -> jax.Array:
-    """Sharpening: linear from ``start`` at step 0 to ``end`` at ``warmup_steps``, then constant."""
-    if warmup_steps < 0:
-        raise ValueError(f"warmup_steps: must be >= 0, got {warmup_steps}")
-    if warmup_steps == 0:
-        return jnp.asarray(end, dtype=jnp.float32)
-    fraction = jnp.clip(jnp.asarray(step, dtype=jnp.float32) / warmup_steps, 0.0, 1.0)
-    return (start + (end - start) * fraction).astype(jnp.float32)
 
 
 def _check_crops(name: str, x: jax.Array) -> None:

@@ -109,12 +109,13 @@ def init_state(setup: TrainSetup, seed: int | None = None) -> TrainState:
                     out_shardings=setup.state_sharding)()
     if spec.init_from:
         backbone, heads = pretrained.load_weights(spec.init_from, spec.vit)
-        student = dict(state.student)
-        student["backbone"] = pretrained.params_of(backbone)
+        values = nnx.to_pure_dict(state.student)
+        values["backbone"] = nnx.to_pure_dict(pretrained.params_of(backbone))
         for name, head in heads.items():
-            if name in student and head.config == getattr(spec, name):
-                student[name] = pretrained.params_of(head)
-        student = nnx.State(student)
+            if name in values and head.config == getattr(spec, name):
+                values[name] = nnx.to_pure_dict(pretrained.params_of(head))
+        student = jax.tree.map(lambda x: x, state.student)  # same structure as the shardings
+        nnx.replace_by_pure_dict(student, values)
         placed = jax.device_put(student, setup.state_sharding.student)
         state = state.replace(student=placed,
                               teacher=jax.device_put(student, setup.state_sharding.teacher))

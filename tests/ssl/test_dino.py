@@ -9,7 +9,7 @@ import torch
 from jax.test_util import check_grads
 
 from braindino_jax.ssl import centering
-from braindino_jax.ssl.dino import dino_cross_entropy, dino_loss, teacher_temperature
+from braindino_jax.ssl.dino import dino_cross_entropy, dino_loss
 
 G, L, B, K = 2, 3, 16, 32
 
@@ -86,15 +86,6 @@ def test_matches_lightly_with_softmax_centering(inputs):
     new_center = centering.update_center(center, teacher_logits, 0.9)
     np.testing.assert_allclose(np.asarray(new_center), criterion.center.numpy().reshape(K),
                                rtol=1e-5, atol=1e-6)
-
-
-def test_teacher_temperature_schedule():
-    steps = np.array([0, 25, 50, 100, 101, 10_000])
-    got = np.asarray(jax.vmap(lambda s: teacher_temperature(s, 100))(steps))
-    np.testing.assert_allclose(got, [0.04, 0.0475, 0.055, 0.07, 0.07, 0.07], rtol=1e-6)
-    assert float(teacher_temperature(5, 0)) == pytest.approx(0.07)
-    with pytest.raises(ValueError, match="warmup_steps"):
-        teacher_temperature(0, -1)
 
 
 def _step(centering_mode):
