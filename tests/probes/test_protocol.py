@@ -10,7 +10,7 @@ import pytest
 from braindino_jax.cli.probe import main
 from braindino_jax.probes.config import apply_override, default_config, load_config, validate
 from braindino_jax.probes.errors import ProbeConfigError
-from braindino_jax.probes.protocol import run_probe
+from braindino_jax.probes.protocol import figures, run_probe
 from braindino_jax.probes.results import RESULT_COLUMNS
 
 
@@ -51,6 +51,17 @@ def test_classification_end_to_end_then_rerun_from_cache(tmp_path, phantom_csv, 
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert saved["task"]["split_subjects"] == {"train": 6, "val": 3, "test": 3}
     assert {r["train_subjects"] for r in saved["runs"]} == {3, 6}
+    for run in saved["runs"]:
+        if run["head"] != "knn":  # a confusion matrix of the test rows: true class by predicted
+            matrix = run["confusion_matrix"]
+            assert len(matrix) == 2 and all(len(r) == 2 for r in matrix)
+            assert sum(map(sum, matrix)) == run["test_rows"] == 3
+    # Every encoder on the same splits and label subsets.
+    by_encoder = {}
+    for run in saved["runs"]:
+        by_encoder.setdefault(run["encoder"], []).append(
+            (run["head"], run["label_fraction"], run["seed"], run["train_rows"], run["val_rows"], run["test_rows"]))
+    assert len(by_encoder) == 2 and len({tuple(v) for v in by_encoder.values()}) == 1
 
     config.output_dir = str(tmp_path / "again")
     config.visualize.enabled = False
@@ -65,10 +76,17 @@ def test_classification_end_to_end_then_rerun_from_cache(tmp_path, phantom_csv, 
     ("survival", ("mlp",), "c_index"),
 ])
 def test_regression_and_survival_end_to_end(tmp_path, phantom_csv, cache_dir, small_config, task_type, heads, headline):
+    """Regression: two modalities averaged, max pooling of CLS + mean patch; survival:
+    learned attention pooling. Each must give finite metrics."""
     config = small_config(tmp_path, phantom_csv, cache_dir, task_type, label_column="lesion_ml", log1p=task_type == "regression")
     config.heads = heads
     config.visualize.enabled = task_type == "survival"
     config.visualize.n_volumes = 0
+    if task_type == "regression":
+        config.task.image_columns = ("t1", "flair")
+        config.features.update(dict(token="cls+patch_mean", pooling="max", modalities="average"))
+    else:
+        config.features.pooling = "attention"
     run_probe(config)
     rows = read_results(tmp_path / "results.csv")
     values = [float(r["value"]) for r in rows if r["metric"] == headline]
@@ -76,8 +94,15 @@ def test_regression_and_survival_end_to_end(tmp_path, phantom_csv, cache_dir, sm
     if task_type == "survival":
         assert {r["metric"] for r in rows} == {"c_index", "logrank_p", "c_index_ci95_low", "c_index_ci95_high"}
         assert (next((tmp_path / "figures").iterdir()) / "kaplan_meier_mlp.png").stat().st_size > 0
-    else:
-        assert {"mae", "rmse", "r2"} <= {r["metric"] for r in rows}
+        return
+    assert {"mae", "rmse", "r2"} <= {r["metric"] for r in rows}
+    # The same command from scratch (an empty cache: every volume featurised again) gives the
+    # same numbers as the run that read the session's cached features.
+    config.output_dir = str(tmp_path / "fresh")
+    config.extract.cache_dir = str(tmp_path / "fresh_cache")
+    fresh = run_probe(config)
+    assert next(iter(fresh["encoders"].values()))["extraction"]["embedded"] == 24
+    assert read_results(tmp_path / "fresh" / "results.csv") == rows
 
 
 def test_segmentation_end_to_end(tmp_path, phantom_csv, cache_dir, small_config):
@@ -158,3 +183,29 @@ def test_visualize_command_draws_pca_and_similarity_of_given_volumes(tmp_path, p
     written = capsys.readouterr().out
     assert written.count("wrote ") == 2 and "pca.png" in written and "similarity.png" in written
     assert all(p.stat().st_size > 0 for p in tmp_path.rglob("*.png"))
+
+
+def test_visualize_on_a_config_task_draws_its_test_volumes_and_the_tsne(tmp_path, phantom_csv, cache_dir,
+                                                                        small_config, tiny_arch):
+    """``braindino-probe visualize --config`` without volumes (the CLI path is tested above)."""
+    config = small_config(tmp_path / "run", phantom_csv, cache_dir)
+    config.visualize.n_slices = 2
+    written = figures(config, [f"random-active:{tiny_arch}"], [], tmp_path / "figures")
+    assert sorted(p.name for p in written) == ["pca.png", "similarity.png", "tsne.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written)
+
+
+def test_a_probe_that_touches_the_encoder_parameters_is_refused(tmp_path, phantom_csv, cache_dir, small_config,
+                                                                monkeypatch):
+    from braindino_jax.probes import protocol
+
+    heads = protocol._head_sweeps
+
+    def nudging(*args):
+        gamma = args[-2].model.blocks[0].ls1.gamma  # the encoder; one LayerScale entry by 1 ulp-ish
+        gamma[...] = gamma[...].at[0].multiply(1 + 2**-20)
+        return heads(*args)
+
+    monkeypatch.setattr(protocol, "_head_sweeps", nudging)
+    with pytest.raises(RuntimeError, match=r"parameters changed during the probe"):
+        run_probe(small_config(tmp_path, phantom_csv, cache_dir))
