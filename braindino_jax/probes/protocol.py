@@ -28,7 +28,7 @@ from braindino_jax.probes.aggregation import fuse_modalities, pool_slices, row_i
 from braindino_jax.probes.cache import FeatureCache
 from braindino_jax.probes.config import HEADLINE, prep_config, validate
 from braindino_jax.probes.encoders import Encoder, fingerprint, load_encoder, parse_spec, resolve_attention
-from braindino_jax.probes.errors import ProbeInputError
+from braindino_jax.probes.errors import ProbeConfigError, ProbeInputError
 from braindino_jax.probes.features import (
     Extraction,
     ExtractionSettings,
@@ -353,11 +353,18 @@ def volume_figures(encoder: Encoder, paths: list[str], names: list[str], config:
         patches.append(extractor.embed(volume)[f"patch_{encoder.config.depth - 1}"].astype(np.float32))
         titles += [f"{name} z={volume.slice_indices[j]}" for j in shown]
     pixels, patches = np.concatenate(pixels), np.concatenate(patches)
+    reference = tuple(config.visualize.reference)
+    if reference:
+        bounds = (len(pixels),) + patches.shape[1:3]
+        if any(v >= n for v, n in zip(reference, bounds)):
+            raise ProbeConfigError(f"config.visualize.reference: {reference} is outside the {bounds[0]} shown "
+                                   f"slices x {bounds[1]} x {bounds[2]} patches")
+    else:
+        middle = min(config.visualize.n_slices, len(pixels)) // 2
+        foreground = visualize.patch_foreground(pixels[middle:middle + 1], patches.shape[1])[0]
+        reference = (middle, *visualize.central_patch(foreground))
     figures.mkdir(parents=True, exist_ok=True)
     visualize.plot_pca(pixels, patches, figures / "pca.png", encoder.spec, titles)
-    middle = min(config.visualize.n_slices, len(pixels)) // 2
-    foreground = visualize.patch_foreground(pixels[middle:middle + 1], patches.shape[1])[0]
-    reference = (middle, *visualize.central_patch(foreground))
     visualize.plot_similarity(pixels, patches, reference, figures / "similarity.png", encoder.spec, titles)
 
 

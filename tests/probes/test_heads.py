@@ -7,16 +7,8 @@ from scipy.special import erf
 from sklearn.metrics import roc_auc_score
 
 from braindino_jax.probes import metrics
-from braindino_jax.probes.heads import (
-    MLPHead,
-    ProbeNet,
-    TrainSettings,
-    knn_predict,
-    make_objective,
-    predict,
-    standardize,
-    train_head,
-)
+from braindino_jax.probes.heads import (MLPHead, ProbeNet, TrainSettings, knn_predict, make_objective, predict,
+                                        standardize, train_head)
 from braindino_jax.probes.survival import c_index, cox_loss
 
 FAST = TrainSettings(learning_rate=1e-2, weight_decay=1e-4, epochs=300, patience=50)

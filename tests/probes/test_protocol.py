@@ -185,6 +185,21 @@ def test_visualize_command_draws_pca_and_similarity_of_given_volumes(tmp_path, p
     assert all(p.stat().st_size > 0 for p in tmp_path.rglob("*.png"))
 
 
+def test_visualize_without_a_config_takes_overrides_and_a_chosen_reference_patch(tmp_path, phantom_csv, tiny_arch,
+                                                                                 capsys):
+    volume = str(next((phantom_csv.parent / "images").glob("*_T1w.nii.gz")))
+    args = ["visualize", "--encoder", f"random-active:{tiny_arch}", "--volume", volume, "--out", str(tmp_path),
+            "--slices", "2", "--config.input.target_spacing=(3.0, 3.0, 3.0)", "--config.input.size=64",
+            "--config.input.image_size=64"]
+    assert main(args + ["--reference", "1,2,1"]) == 0
+    assert capsys.readouterr().out.count("wrote ") == 2
+    # 64 px (the override) is a 4 x 4 patch grid, so (row 5, col 5) is off the map.
+    assert main(args + ["--reference", "0,5,5"]) == 2
+    assert "config.visualize.reference: (0, 5, 5) is outside the 2 shown slices x 4 x 4 patches" in capsys.readouterr().err
+    assert main(args + ["--reference", "0,5"]) == 2
+    assert "config.visualize.reference: expected () or (slice, row, col)" in capsys.readouterr().err
+
+
 def test_visualize_on_a_config_task_draws_its_test_volumes_and_the_tsne(tmp_path, phantom_csv, cache_dir,
                                                                         small_config, tiny_arch):
     """``braindino-probe visualize --config`` without volumes (the CLI path is tested above)."""
