@@ -54,6 +54,7 @@ from braindino_jax.probes.segmentation import (
     SegmentationVolume,
     class_indices,
     dice_scores,
+    distinct_slices,
     predict_volume,
     stack_blocks,
     train_decoder,
@@ -281,7 +282,8 @@ def _segmentation_sweeps(config, task, task_config, splits, valid, jobs_by_row, 
             classes = class_indices(arrays["labels"], label_values, where)
         except ValueError as err:
             raise ProbeInputError(str(err)) from err
-        volumes.append(SegmentationVolume(stack_blocks(arrays, layers), classes))
+        distinct = distinct_slices(arrays["slice_indices"])
+        volumes.append(SegmentationVolume(stack_blocks(arrays, layers)[distinct], classes[distinct]))
     row_split, subjects, train_subjects = _row_splits(task, splits, valid)
     s = config.segmentation
     records, runs = [], []
@@ -331,7 +333,8 @@ def _shown_slices(n: int, count: int) -> np.ndarray:
 def _segmentation_figure(config, task, row_index, volume: SegmentationVolume, prediction, class_names, encoder,
                          head, out_dir) -> None:
     row = task.rows[row_index]
-    pixels = read_probe_volume(row.paths[0], prep_config(config)).pixels
+    read = read_probe_volume(row.paths[0], prep_config(config))
+    pixels = read.pixels[distinct_slices(read.slice_indices)]
     shown = _shown_slices(len(pixels), config.visualize.n_slices)
     visualize.plot_segmentation(pixels[shown], volume.classes[shown], prediction[shown],
                                 _figure_dir(out_dir, encoder) / f"segmentation_{head}.png",

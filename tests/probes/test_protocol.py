@@ -5,6 +5,7 @@ import csv
 import json
 import math
 
+import numpy as np
 import pytest
 
 from braindino_jax.cli.probe import main
@@ -12,6 +13,7 @@ from braindino_jax.probes.config import apply_override, default_config, load_con
 from braindino_jax.probes.errors import ProbeConfigError
 from braindino_jax.probes.protocol import figures, run_probe
 from braindino_jax.probes.results import RESULT_COLUMNS
+from braindino_jax.probes.volumes import read_probe_volume
 
 
 def read_results(path):
@@ -105,16 +107,32 @@ def test_regression_and_survival_end_to_end(tmp_path, phantom_csv, cache_dir, sm
     assert read_results(tmp_path / "fresh" / "results.csv") == rows
 
 
-def test_segmentation_end_to_end(tmp_path, phantom_csv, cache_dir, small_config):
+def test_segmentation_end_to_end(tmp_path, phantom_csv, cache_dir, small_config, monkeypatch):
+    """64 slices from 3 mm volumes repeat some slices; Dice is taken over each distinct slice once."""
+    from braindino_jax.probes import protocol
+
     config = small_config(tmp_path, phantom_csv, cache_dir, "segmentation",
                           label_values=(0, 1, 2, 3, 4), class_names=("background", "csf", "gm", "wm", "lesion"))
+    config.input.n_slices = 64
     config.heads = ("linear",)
     config.segmentation.layers = (0, 1)
     config.segmentation.steps = 40
     config.segmentation.eval_every = 20
     config.visualize.enabled = True
     config.visualize.n_volumes = 0
+    scored = []
+
+    def recording(truth, prediction, n_classes):
+        scored.append(len(truth))
+        return protocol_dice(truth, prediction, n_classes)
+
+    protocol_dice = protocol.dice_scores
+    monkeypatch.setattr(protocol, "dice_scores", recording)
     summary = run_probe(config)
+    prep = protocol.prep_config(config)
+    distinct = {len(np.unique(read_probe_volume(phantom_csv.parent / f"images/sub-{i:03d}_T1w.nii.gz",
+                                                prep).slice_indices)) for i in range(1, 13)}
+    assert len(scored) == 3 and set(scored) <= distinct and max(distinct) < 64
     rows = read_results(tmp_path / "results.csv")
     assert {r["metric"] for r in rows} == {"dice_csf", "dice_gm", "dice_wm", "dice_lesion", "dice_mean",
                                            "dice_mean_ci95_low", "dice_mean_ci95_high"}
