@@ -120,13 +120,12 @@ def test_segmentation_end_to_end(tmp_path, phantom_csv, cache_dir, small_config,
     config.segmentation.eval_every = 20
     config.visualize.enabled = True
     config.visualize.n_volumes = 0
-    scored = []
+    scored, dice_scores = [], protocol.dice_scores
 
     def recording(truth, prediction, n_classes):
-        scored.append(len(truth))
-        return protocol_dice(truth, prediction, n_classes)
+        scored.append(len(truth))  # slices in the scored 3D stack
+        return dice_scores(truth, prediction, n_classes)
 
-    protocol_dice = protocol.dice_scores
     monkeypatch.setattr(protocol, "dice_scores", recording)
     summary = run_probe(config)
     prep = protocol.prep_config(config)
