@@ -5,7 +5,7 @@
         --config.encoders='("workdir:runs/braindino", "random:like=workdir:runs/braindino")' \
         --config.protocol.seeds='(0, 1, 2)'
     braindino-probe visualize --encoder export:braindino_vitb16 --volume sub-01_T1w.nii.gz --out figures/
-    braindino-probe visualize --config configs/probes/demo.py --out figures/
+    braindino-probe visualize --config configs/probes/demo.py --out figures/ --reference 1,6,7
 
 Overrides are --config.SECTION.FIELD=VALUE (or a separate VALUE), parsed for the field's type;
 tuples as Python literals or comma-separated items.
@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from braindino_jax.preprocessing.errors import VolumeError
-from braindino_jax.probes.config import default_config, load_config
+from braindino_jax.probes.config import apply_overrides, default_config, load_config, validate
 from braindino_jax.probes.errors import ProbeConfigError, ProbeInputError
 
 
@@ -60,6 +60,8 @@ def _visualize_parser() -> argparse.ArgumentParser:
                         "default: the config's first test volumes)")
     parser.add_argument("--out", required=True, help="folder for the PNGs")
     parser.add_argument("--slices", type=int, help="slices shown per volume")
+    parser.add_argument("--reference", help="SLICE,ROW,COL: the similarity maps' reference patch (SLICE counted "
+                        "over all shown slices; default: the central brain patch of the middle slice)")
     return parser
 
 
@@ -68,9 +70,16 @@ def _visualize(argv: list[str]) -> int:
 
     rest, overrides = _split_overrides(argv)
     args = _visualize_parser().parse_args(rest)
-    config = load_config(args.config, overrides) if args.config else default_config()
     if args.slices is not None:
-        config.visualize.n_slices = args.slices
+        overrides.append(f"visualize.n_slices={args.slices}")
+    if args.reference is not None:
+        overrides.append(f"visualize.reference=({args.reference},)")
+    if args.config:
+        config = load_config(args.config, overrides)
+    else:  # the defaults, with the same overrides (e.g. --config.input.size=160)
+        config = default_config()
+        apply_overrides(config, overrides)
+        validate(config, need_task=False)
     encoders = args.encoder or list(config.encoders)
     if not args.volume and not args.config:
         raise ProbeConfigError("visualize: give --volume paths or a --config with a task")

@@ -120,6 +120,9 @@ def default_config() -> ml_collections.ConfigDict:
         enabled=True,
         n_volumes=2,  # test volumes shown in the PCA and similarity figures
         n_slices=3,  # slices per volume in those figures
+        # Similarity maps' reference patch: (slice, row, col), the slice counted over all shown
+        # slices, row and col on the patch grid; () = the central brain patch of the middle slice.
+        reference=(),
         tsne=True,
     ))
     return c
@@ -179,8 +182,11 @@ def _strings(value, field: str, allow_empty: bool = False) -> tuple[str, ...]:
     return tuple(value)
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Raise ProbeConfigError naming the first invalid field (before anything is loaded)."""
+def validate(config: ml_collections.ConfigDict, need_task: bool = True) -> None:
+    """Raise ProbeConfigError naming the first invalid field (before anything is loaded).
+
+    ``need_task=False``: a config that names no task CSV is valid (figures of given volumes).
+    """
     expected = default_config()
     for section in expected:
         if section not in config:
@@ -197,7 +203,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if t.type not in TASK_TYPES:
         _fail("task.type", f"expected one of {TASK_TYPES}, got {t.type!r}")
     _positive_int(config, "task.phantoms", 0)
-    if not t.csv and not t.phantoms:
+    if need_task and not t.csv and not t.phantoms:
         _fail("task.csv", "no task CSV given")
     if not t.name or "," in t.name:
         _fail("task.name", f"expected a non-empty name without commas, got {t.name!r}")
@@ -291,6 +297,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _fail("protocol.max_failure_fraction", f"expected a fraction in [0, 1], got {p.max_failure_fraction!r}")
     _positive_int(config, "visualize.n_volumes", 0)
     _positive_int(config, "visualize.n_slices")
+    reference = tuple(config.visualize.reference)
+    if reference and (len(reference) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                     for v in reference)):
+        _fail("visualize.reference", f"expected () or (slice, row, col) integers >= 0, got {reference!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,13 +319,18 @@ def load_config(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDi
     if not hasattr(module, "get_config"):
         raise ProbeConfigError(f"--config {m.group(1)}: has no get_config(arg)")
     config = module.get_config(m.group(2))
+    apply_overrides(config, overrides)
+    validate(config)
+    return config
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> None:
+    """Apply ``a.b=value`` items in order (see apply_override)."""
     for item in overrides:
         field, eq, value = item.partition("=")
         if not eq:
             raise ProbeConfigError(f"--config.{item}: expected --config.FIELD=VALUE")
         apply_override(config, field, value)
-    validate(config)
-    return config
 
 
 def _split_top_level(text: str) -> list[str]:

@@ -28,7 +28,7 @@ from braindino_jax.probes.aggregation import fuse_modalities, pool_slices, row_i
 from braindino_jax.probes.cache import FeatureCache
 from braindino_jax.probes.config import HEADLINE, prep_config, validate
 from braindino_jax.probes.encoders import Encoder, fingerprint, load_encoder, parse_spec, resolve_attention
-from braindino_jax.probes.errors import ProbeInputError
+from braindino_jax.probes.errors import ProbeConfigError, ProbeInputError
 from braindino_jax.probes.features import (
     Extraction,
     ExtractionSettings,
@@ -54,6 +54,7 @@ from braindino_jax.probes.segmentation import (
     SegmentationVolume,
     class_indices,
     dice_scores,
+    distinct_slices,
     predict_volume,
     stack_blocks,
     train_decoder,
@@ -281,7 +282,8 @@ def _segmentation_sweeps(config, task, task_config, splits, valid, jobs_by_row, 
             classes = class_indices(arrays["labels"], label_values, where)
         except ValueError as err:
             raise ProbeInputError(str(err)) from err
-        volumes.append(SegmentationVolume(stack_blocks(arrays, layers), classes))
+        distinct = distinct_slices(arrays["slice_indices"])
+        volumes.append(SegmentationVolume(stack_blocks(arrays, layers)[distinct], classes[distinct]))
     row_split, subjects, train_subjects = _row_splits(task, splits, valid)
     s = config.segmentation
     records, runs = [], []
@@ -331,7 +333,8 @@ def _shown_slices(n: int, count: int) -> np.ndarray:
 def _segmentation_figure(config, task, row_index, volume: SegmentationVolume, prediction, class_names, encoder,
                          head, out_dir) -> None:
     row = task.rows[row_index]
-    pixels = read_probe_volume(row.paths[0], prep_config(config)).pixels
+    read = read_probe_volume(row.paths[0], prep_config(config))
+    pixels = read.pixels[distinct_slices(read.slice_indices)]
     shown = _shown_slices(len(pixels), config.visualize.n_slices)
     visualize.plot_segmentation(pixels[shown], volume.classes[shown], prediction[shown],
                                 _figure_dir(out_dir, encoder) / f"segmentation_{head}.png",
@@ -353,11 +356,18 @@ def volume_figures(encoder: Encoder, paths: list[str], names: list[str], config:
         patches.append(extractor.embed(volume)[f"patch_{encoder.config.depth - 1}"].astype(np.float32))
         titles += [f"{name} z={volume.slice_indices[j]}" for j in shown]
     pixels, patches = np.concatenate(pixels), np.concatenate(patches)
+    reference = tuple(config.visualize.reference)
+    if reference:
+        bounds = (len(pixels),) + patches.shape[1:3]
+        if any(v >= n for v, n in zip(reference, bounds)):
+            raise ProbeConfigError(f"config.visualize.reference: {reference} is outside the {bounds[0]} shown "
+                                   f"slices x {bounds[1]} x {bounds[2]} patches")
+    else:
+        middle = min(config.visualize.n_slices, len(pixels)) // 2
+        foreground = visualize.patch_foreground(pixels[middle:middle + 1], patches.shape[1])[0]
+        reference = (middle, *visualize.central_patch(foreground))
     figures.mkdir(parents=True, exist_ok=True)
     visualize.plot_pca(pixels, patches, figures / "pca.png", encoder.spec, titles)
-    middle = min(config.visualize.n_slices, len(pixels)) // 2
-    foreground = visualize.patch_foreground(pixels[middle:middle + 1], patches.shape[1])[0]
-    reference = (middle, *visualize.central_patch(foreground))
     visualize.plot_similarity(pixels, patches, reference, figures / "similarity.png", encoder.spec, titles)
 
 

@@ -9,7 +9,8 @@ Two decoders:
   resize for any remaining factor.
 
 Training samples slices of the training volumes (cross-entropy plus soft Dice, in float32);
-evaluation stacks a volume's slice predictions and scores the 3D stack: Dice per foreground
+evaluation stacks a volume's slice predictions (each distinct slice once: sampling N slices
+repeats some in a volume with fewer) and scores the 3D stack: Dice per foreground
 class (scikit-learn's F1 over voxels, NaN when a class is absent from both) and their mean.
 Only the decoder has parameters here: the encoder ran before, and the features are arrays.
 """
@@ -123,6 +124,12 @@ def class_indices(labels: np.ndarray, label_values: tuple[int, ...], where: str)
     for v in present:
         table[int(v)] = lookup[int(v)]
     return table[labels]
+
+
+def distinct_slices(slice_indices: np.ndarray) -> np.ndarray:
+    """Positions of each distinct slice once, in order. Sampling N slices from a volume with
+    fewer repeats some; the decoder trains and Dice is scored on the volume's own slices."""
+    return np.unique(slice_indices, return_index=True)[1]
 
 
 def stack_blocks(arrays: dict[str, np.ndarray], layers: tuple[int, ...]) -> np.ndarray:

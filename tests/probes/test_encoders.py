@@ -82,17 +82,6 @@ def test_scanned_blocks_are_unstacked_with_the_same_outputs():
     assert len(unstacked(IMAGES, layers=(0, 1))["intermediate_layers"]) == 2
 
 
-def test_workdir_spec_loads_the_teacher_of_a_run(tmp_path):
-    checkpoint = pytest.importorskip("braindino_jax.train.checkpoint")
-    from braindino_jax.probes.encoders import _split_suffix
-
-    assert _split_suffix(f"{tmp_path}@1200") == (str(tmp_path), 1200)
-    assert _split_suffix(str(tmp_path)) == (str(tmp_path), None)
-    assert callable(checkpoint.load_teacher_backbone)
-    with pytest.raises(ProbeConfigError, match="workdir:"):
-        load_encoder(f"workdir:{tmp_path / 'no_run'}")
-
-
 @pytest.mark.parametrize("spec, pattern", [
     ("resnet:50", r"encoder 'resnet:50': expected KIND:ARG"),
     ("random:vit_tiny", r"architecture 'vit_tiny' is not a size name"),

@@ -3,10 +3,12 @@
 import numpy as np
 import pytest
 from flax import nnx
+from scipy.special import erf
 from sklearn.metrics import roc_auc_score
 
 from braindino_jax.probes import metrics
-from braindino_jax.probes.heads import ProbeNet, TrainSettings, knn_predict, make_objective, predict, standardize, train_head
+from braindino_jax.probes.heads import (MLPHead, ProbeNet, TrainSettings, knn_predict, make_objective, predict,
+                                        standardize, train_head)
 from braindino_jax.probes.survival import c_index, cox_loss
 
 FAST = TrainSettings(learning_rate=1e-2, weight_decay=1e-4, epochs=300, patience=50)
@@ -32,6 +34,36 @@ def test_separable_classes_give_auc_one(kind):
     values = objective.metrics(y_test, proba)
     assert values["auc"] == 1.0 and values["accuracy"] == 1.0 and values["f1_macro"] == 1.0
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-6)
+
+
+def test_mlp_head_is_layernorm_linear_d_d_exact_gelu_linear_k():
+    head = MLPHead(6, 3, rngs=nnx.Rngs(0))
+    assert head.fc1.kernel.shape == (6, 6) and head.fc2.kernel.shape == (6, 3)  # hidden = d
+    rng = np.random.default_rng(0)
+    head.fc2.kernel[...] = rng.normal(size=(6, 3)).astype(np.float32)  # zero at init
+    head.fc2.bias[...] = rng.normal(size=3).astype(np.float32)
+    head.norm.scale[...] = rng.uniform(0.5, 1.5, 6).astype(np.float32)
+    x = rng.normal(size=(4, 6)).astype(np.float32) * 3 + 1
+    ln = (x - x.mean(1, keepdims=True)) / np.sqrt(x.var(1, keepdims=True) + head.norm.epsilon)
+    ln = ln * np.asarray(head.norm.scale[...]) + np.asarray(head.norm.bias[...])
+    h = ln @ np.asarray(head.fc1.kernel[...]) + np.asarray(head.fc1.bias[...])
+    h = 0.5 * h * (1 + erf(h / np.sqrt(2)))  # exact GELU
+    expected = h @ np.asarray(head.fc2.kernel[...]) + np.asarray(head.fc2.bias[...])
+    np.testing.assert_allclose(np.asarray(head(x)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_training_keeps_the_best_val_epoch_and_stops_after_patience():
+    """Random labels in 32 dimensions: the head overfits, val stops improving, and the net
+    returned is the best val epoch's, not the last one's."""
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(100, 32)).astype(np.float32)
+    y = rng.integers(0, 2, 100).astype(np.int32)
+    objective = make_objective("classification", y[:60], 2)
+    net = ProbeNet("mlp", 32, 2, rngs=nnx.Rngs(0))
+    settings = TrainSettings(learning_rate=3e-2, weight_decay=0.0, epochs=400, patience=5)
+    net, run = train_head(net, objective, (x[:60], y[:60]), (x[60:], y[60:]), settings)
+    assert run["epochs_run"] == run["best_epoch"] + 5 < 400
+    assert objective.score(y[60:], predict(net, objective, x[60:])) == run["val_score"]
 
 
 def test_attention_pooling_finds_the_informative_slice():

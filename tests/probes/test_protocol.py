@@ -5,13 +5,15 @@ import csv
 import json
 import math
 
+import numpy as np
 import pytest
 
 from braindino_jax.cli.probe import main
 from braindino_jax.probes.config import apply_override, default_config, load_config, validate
 from braindino_jax.probes.errors import ProbeConfigError
-from braindino_jax.probes.protocol import run_probe
+from braindino_jax.probes.protocol import figures, run_probe
 from braindino_jax.probes.results import RESULT_COLUMNS
+from braindino_jax.probes.volumes import read_probe_volume
 
 
 def read_results(path):
@@ -51,6 +53,17 @@ def test_classification_end_to_end_then_rerun_from_cache(tmp_path, phantom_csv, 
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert saved["task"]["split_subjects"] == {"train": 6, "val": 3, "test": 3}
     assert {r["train_subjects"] for r in saved["runs"]} == {3, 6}
+    for run in saved["runs"]:
+        if run["head"] != "knn":  # a confusion matrix of the test rows: true class by predicted
+            matrix = run["confusion_matrix"]
+            assert len(matrix) == 2 and all(len(r) == 2 for r in matrix)
+            assert sum(map(sum, matrix)) == run["test_rows"] == 3
+    # Every encoder on the same splits and label subsets.
+    by_encoder = {}
+    for run in saved["runs"]:
+        by_encoder.setdefault(run["encoder"], []).append(
+            (run["head"], run["label_fraction"], run["seed"], run["train_rows"], run["val_rows"], run["test_rows"]))
+    assert len(by_encoder) == 2 and len({tuple(v) for v in by_encoder.values()}) == 1
 
     config.output_dir = str(tmp_path / "again")
     config.visualize.enabled = False
@@ -65,10 +78,17 @@ def test_classification_end_to_end_then_rerun_from_cache(tmp_path, phantom_csv, 
     ("survival", ("mlp",), "c_index"),
 ])
 def test_regression_and_survival_end_to_end(tmp_path, phantom_csv, cache_dir, small_config, task_type, heads, headline):
+    """Regression: two modalities averaged, max pooling of CLS + mean patch; survival:
+    learned attention pooling. Each must give finite metrics."""
     config = small_config(tmp_path, phantom_csv, cache_dir, task_type, label_column="lesion_ml", log1p=task_type == "regression")
     config.heads = heads
     config.visualize.enabled = task_type == "survival"
     config.visualize.n_volumes = 0
+    if task_type == "regression":
+        config.task.image_columns = ("t1", "flair")
+        config.features.update(dict(token="cls+patch_mean", pooling="max", modalities="average"))
+    else:
+        config.features.pooling = "attention"
     run_probe(config)
     rows = read_results(tmp_path / "results.csv")
     values = [float(r["value"]) for r in rows if r["metric"] == headline]
@@ -76,20 +96,42 @@ def test_regression_and_survival_end_to_end(tmp_path, phantom_csv, cache_dir, sm
     if task_type == "survival":
         assert {r["metric"] for r in rows} == {"c_index", "logrank_p", "c_index_ci95_low", "c_index_ci95_high"}
         assert (next((tmp_path / "figures").iterdir()) / "kaplan_meier_mlp.png").stat().st_size > 0
-    else:
-        assert {"mae", "rmse", "r2"} <= {r["metric"] for r in rows}
+        return
+    assert {"mae", "rmse", "r2"} <= {r["metric"] for r in rows}
+    # The same command from scratch (an empty cache: every volume featurised again) gives the
+    # same numbers as the run that read the session's cached features.
+    config.output_dir = str(tmp_path / "fresh")
+    config.extract.cache_dir = str(tmp_path / "fresh_cache")
+    fresh = run_probe(config)
+    assert next(iter(fresh["encoders"].values()))["extraction"]["embedded"] == 24
+    assert read_results(tmp_path / "fresh" / "results.csv") == rows
 
 
-def test_segmentation_end_to_end(tmp_path, phantom_csv, cache_dir, small_config):
+def test_segmentation_end_to_end(tmp_path, phantom_csv, cache_dir, small_config, monkeypatch):
+    """64 slices from 3 mm volumes repeat some slices; Dice is taken over each distinct slice once."""
+    from braindino_jax.probes import protocol
+
     config = small_config(tmp_path, phantom_csv, cache_dir, "segmentation",
                           label_values=(0, 1, 2, 3, 4), class_names=("background", "csf", "gm", "wm", "lesion"))
+    config.input.n_slices = 64
     config.heads = ("linear",)
     config.segmentation.layers = (0, 1)
     config.segmentation.steps = 40
     config.segmentation.eval_every = 20
     config.visualize.enabled = True
     config.visualize.n_volumes = 0
+    scored, dice_scores = [], protocol.dice_scores
+
+    def recording(truth, prediction, n_classes):
+        scored.append(len(truth))  # slices in the scored 3D stack
+        return dice_scores(truth, prediction, n_classes)
+
+    monkeypatch.setattr(protocol, "dice_scores", recording)
     summary = run_probe(config)
+    prep = protocol.prep_config(config)
+    distinct = {len(np.unique(read_probe_volume(phantom_csv.parent / f"images/sub-{i:03d}_T1w.nii.gz",
+                                                prep).slice_indices)) for i in range(1, 13)}
+    assert len(scored) == 3 and set(scored) <= distinct and max(distinct) < 64
     rows = read_results(tmp_path / "results.csv")
     assert {r["metric"] for r in rows} == {"dice_csf", "dice_gm", "dice_wm", "dice_lesion", "dice_mean",
                                            "dice_mean_ci95_low", "dice_mean_ci95_high"}
@@ -158,3 +200,44 @@ def test_visualize_command_draws_pca_and_similarity_of_given_volumes(tmp_path, p
     written = capsys.readouterr().out
     assert written.count("wrote ") == 2 and "pca.png" in written and "similarity.png" in written
     assert all(p.stat().st_size > 0 for p in tmp_path.rglob("*.png"))
+
+
+def test_visualize_without_a_config_takes_overrides_and_a_chosen_reference_patch(tmp_path, phantom_csv, tiny_arch,
+                                                                                 capsys):
+    volume = str(next((phantom_csv.parent / "images").glob("*_T1w.nii.gz")))
+    args = ["visualize", "--encoder", f"random-active:{tiny_arch}", "--volume", volume, "--out", str(tmp_path),
+            "--slices", "2", "--config.input.target_spacing=(3.0, 3.0, 3.0)", "--config.input.size=64",
+            "--config.input.image_size=64"]
+    assert main(args + ["--reference", "1,2,1"]) == 0
+    assert capsys.readouterr().out.count("wrote ") == 2
+    # 64 px (the override) is a 4 x 4 patch grid, so (row 5, col 5) is off the map.
+    assert main(args + ["--reference", "0,5,5"]) == 2
+    assert "config.visualize.reference: (0, 5, 5) is outside the 2 shown slices x 4 x 4 patches" in capsys.readouterr().err
+    assert main(args + ["--reference", "0,5"]) == 2
+    assert "config.visualize.reference: expected () or (slice, row, col)" in capsys.readouterr().err
+
+
+def test_visualize_on_a_config_task_draws_its_test_volumes_and_the_tsne(tmp_path, phantom_csv, cache_dir,
+                                                                        small_config, tiny_arch):
+    """``braindino-probe visualize --config`` without volumes (the CLI path is tested above)."""
+    config = small_config(tmp_path / "run", phantom_csv, cache_dir)
+    config.visualize.n_slices = 2
+    written = figures(config, [f"random-active:{tiny_arch}"], [], tmp_path / "figures")
+    assert sorted(p.name for p in written) == ["pca.png", "similarity.png", "tsne.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written)
+
+
+def test_a_probe_that_touches_the_encoder_parameters_is_refused(tmp_path, phantom_csv, cache_dir, small_config,
+                                                                monkeypatch):
+    from braindino_jax.probes import protocol
+
+    heads = protocol._head_sweeps
+
+    def nudging(*args):
+        gamma = args[-2].model.blocks[0].ls1.gamma  # the encoder; one LayerScale entry by 1 ulp-ish
+        gamma[...] = gamma[...].at[0].multiply(1 + 2**-20)
+        return heads(*args)
+
+    monkeypatch.setattr(protocol, "_head_sweeps", nudging)
+    with pytest.raises(RuntimeError, match=r"parameters changed during the probe"):
+        run_probe(small_config(tmp_path, phantom_csv, cache_dir))

@@ -71,5 +71,8 @@ def test_decoder_trains_on_frozen_random_features_and_leaves_the_encoder_bit_ide
     conv = SegmentationDecoder("transposed_conv", 128, 5, grid=4, out_size=64, channels=16, rngs=nnx.Rngs(0))
     assert [up.out_channels for up in conv.ups] == [8, 8, 8, 8]  # 4 doublings: 4 -> 64 pixels
     assert conv(jnp.asarray(volumes[0].features[:2])).shape == (2, 64, 64, 5)
+    conv_settings = SegmentationSettings(steps=40, batch_size=8, learning_rate=1e-2, eval_every=20, channels=16)
+    conv, run = train_decoder("transposed_conv", volumes[:4], volumes[4:], 5, conv_settings)
+    assert run["train_loss"][-1] < run["train_loss"][0] and 0 < mean_dice(conv, volumes[4:], 5) <= 1
     after = jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(encoder.model)))
     jax.tree.map(np.testing.assert_array_equal, before, after)

@@ -111,6 +111,7 @@ def test_typed_targets_for_regression_and_survival(tmp_path):
     ("bad split", r"task.csv line 2, column 'split': expected one of \('train', 'val', 'test'\), got 'dev'"),
     ("missing mask", r"task.csv line 2, column 'mask_path': mask file not found"),
     ("empty subject", r"task.csv line 3, column 'subject': empty subject"),
+    ("unknown class", r"task.csv line 5, column 'label': class '3' is not in config.task.class_names \('0', '1', '2'\)"),
 ])
 def test_bad_rows_name_the_file_line_and_column(tmp_path, case, pattern):
     rows = [{"path": f"{i}.nii.gz", "subject": f"s{i}", "label": str(i)} for i in range(4)]
@@ -138,6 +139,9 @@ def test_bad_rows_name_the_file_line_and_column(tmp_path, case, pattern):
             task_type = "segmentation"
         elif case == "empty subject":
             rows[1]["subject"] = " "
+        elif case == "unknown class":
+            task_type = "classification"
         path = write_csv(tmp_path, rows)
+    changes = {"class_names": ("0", "1", "2")} if case == "unknown class" else {}
     with pytest.raises(ProbeInputError, match=pattern):
-        read_task(task_config(path, task_type))
+        read_task(task_config(path, task_type, **changes))
