@@ -137,6 +137,10 @@ def test_sigkill_then_resume_is_bit_identical_and_sigterm_saves(reference, confi
     a, b = _state(reference, both, setup), _state(workdir, both, setup)
     for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))):
         np.testing.assert_array_equal(x, y)
+    if saved < STEPS:  # the preempted run resumes at the step after the one it saved
+        summary = train(load_config(config_file), str(workdir), max_steps=1, progress=False)
+        assert summary.start_step == saved and summary.final_step == saved + 1
+        assert _rows(workdir)[saved + 1]["loss"] == ref[saved + 1]["loss"]
 
 
 def test_interrupted_or_corrupt_latest_checkpoint_falls_back(reference, config_file, tmp_path,
