@@ -183,21 +183,32 @@ def _clear(stage: Stage) -> None:
 
 
 def run_demo(out: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Run (or reuse) every stage; returns one row per stage: name, reused, seconds."""
+    """Run (or reuse) every stage, then write the report; returns `run_stages`' rows."""
     layout = Layout(out)
     stages = _stages(layout, args)
-    if args.fresh and out.exists():
+    done = run_stages(layout, stages, args.fresh)
+    from braindino_jax.cli.demo_report import write_report
+
+    print(f"\n[{len(stages) + 1}/{len(stages) + 1}] report", flush=True)
+    print(f"  wrote {write_report(layout, PROBE_TASKS)}", flush=True)
+    return done
+
+
+def run_stages(layout: Layout, stages: list[Stage], fresh: bool = False) -> list[dict[str, Any]]:
+    """Run each stage unless its marker says it finished with these settings and nothing before
+    it ran; returns one row per stage: name, reused, seconds."""
+    if fresh:
         for stage in stages:
             _clear(stage)
         shutil.rmtree(layout.markers, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
+    layout.out.mkdir(parents=True, exist_ok=True)
     done: list[dict[str, Any]] = []
     redo = False  # once a stage runs, every later one runs too (its inputs changed)
     for i, stage in enumerate(stages, 1):
         settings = json.loads(json.dumps(stage.settings))
         extent = json.loads(json.dumps(stage.extent))
         finished, started = _marker(layout, stage, "done"), _marker(layout, stage, "started")
-        print(f"\n[{i}/{len(stages)}] {stage.title}", flush=True)
+        print(f"\n[{i}/{len(stages) + 1}] {stage.title}", flush=True)
         if not redo and _read_marker(finished) == settings and _read_marker(finished, "extent") == extent:
             print("  finished earlier: reused (--fresh starts over)", flush=True)
             done.append({"stage": stage.name, "reused": True, "seconds": 0.0})
@@ -213,10 +224,6 @@ def run_demo(out: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
         write_atomic(finished, json.dumps({"settings": settings, "extent": extent, "seconds": seconds}).encode())
         print(f"  done in {seconds:.0f} s", flush=True)
         done.append({"stage": stage.name, "reused": False, "seconds": seconds})
-    from braindino_jax.cli.demo_report import write_report
-
-    print(f"\n[{len(stages) + 1}/{len(stages) + 1}] report", flush=True)
-    print(f"  wrote {write_report(layout, PROBE_TASKS)}", flush=True)
     return done
 
 
