@@ -286,6 +286,28 @@ def test_readme_quick_start_commands_work_as_written(tmp_path):
     assert collected.returncode == 0 and "test_readme_quick_start_commands_work_as_written" in collected.stdout
 
 
+def test_readme_python_usage_and_torch_export_run_on_the_demo_outputs(demo, monkeypatch):
+    """README's Python example and its `braindino-convert to-torch` line, as written, after the
+    demo (in the folder the demo was run from)."""
+    out, _ = demo
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Using the library from Python"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(out.parent)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    embed_dim = json.loads((out / "train" / "config.json").read_text())["model"]["vit"]["embed_dim"]
+    assert namespace["cls"].shape == (128, embed_dim) and namespace["feature"].shape == (embed_dim,)
+    assert np.all(np.isfinite(namespace["feature"]))
+    export = re.search(r"^braindino-convert to-torch braindino_demo/train/export \S+$", readme, re.M).group(0).split()
+    result = subprocess.run(_as_python(export), cwd=out.parent, env=_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    from braindino_jax.models.convert import read_state_dict
+
+    state = read_state_dict(out.parent / export[-1])
+    assert state["cls_token"].shape[-1] == embed_dim and "blocks.0.attn.qkv.weight" in state
+
+
 @pytest.mark.slow
 def test_full_demo_pretrained_beats_both_random_controls(tmp_path):
     """The default demo, as README runs it: pretraining must have taught the teacher something."""
