@@ -36,7 +36,7 @@ PROBE_SUBJECTS = 24
 PROBE_SEED = 1  # probe subjects are other phantoms than the pretraining ones (seed 0)
 # --tiny (tests): fewer phantoms and a one-seed, short probe protocol; every stage still runs.
 TINY_PRETRAIN_VOLUMES = 3
-TINY_PROBE_SUBJECTS = 12
+TINY_PROBE_SUBJECTS = 8
 PROBE_SPACING = 2.0  # mm, the phantoms' voxels (the probe config resamples to 2 mm)
 TINY_PROBE_SPACING = 3.0
 TINY_PROBE_OVERRIDES = ("--config.protocol.seeds=(0,)", "--config.protocol.label_fractions=(1.0,)",
@@ -156,9 +156,12 @@ def _stages(layout: Layout, args: argparse.Namespace) -> list[Stage]:
 def probe_argv(configs: Path, layout: Layout, task: str, tiny: bool) -> list[str]:
     """The probe command of one phantom task: the demo config with the trained run's teacher and
     its random controls, on the phantoms written by the first stage."""
+    from braindino_jax.probes.phantom_tasks import TISSUE_CLASSES
+
+    names = [f"--config.task.class_names={TISSUE_CLASSES!r}"] if task == "segmentation" else []
     return ["--config", f"{configs / 'probes' / 'demo.py'}:{task},{layout.train}",
             f"--config.output_dir={layout.probe_dir(task)}",
-            f"--config.task.csv={layout.probe_task / 'task.csv'}", "--config.task.phantoms=0",
+            f"--config.task.csv={layout.probe_task / 'task.csv'}", "--config.task.phantoms=0", *names,
             f"--config.extract.cache_dir={layout.probe / 'feature_cache'}",
             *(TINY_PROBE_OVERRIDES if tiny else ())]
 
