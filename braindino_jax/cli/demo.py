@@ -134,11 +134,10 @@ def _stages(layout: Layout, args: argparse.Namespace) -> list[Stage]:
     preview_argv = [shard_glob, "--out", str(layout.preview), "--samples", "4",
                     "--global-size", str(augment.global_size), "--local-size", str(augment.local_size),
                     "--n-local", str(augment.n_local)]
-    probe_argvs = [probe_argv(configs, layout, task, args.tiny) for task in PROBE_TASKS]
-
-    def probes() -> None:
-        for argv in probe_argvs:
-            _command("braindino-probe", probe.main, argv)
+    def probe_stage(task: str) -> Stage:
+        argv = probe_argv(configs, layout, task, args.tiny)
+        return Stage(f"probe-{task}", f"braindino-probe: {task}, frozen teacher vs random inits", argv,
+                     lambda: _command("braindino-probe", probe.main, argv), [layout.probe_dir(task)])
 
     return [
         Stage("phantoms", "generate phantoms", [pretrain_volumes, probe_subjects, PROBE_SEED, probe_spacing], phantoms,
@@ -149,7 +148,7 @@ def _stages(layout: Layout, args: argparse.Namespace) -> list[Stage]:
               lambda: _command("braindino-preview", preview.main, preview_argv), [layout.preview.parent]),
         Stage("train", "braindino-train: pretrain debug_cpu", train_argv,
               lambda: _command("braindino-train", train.main, train_argv + max_steps), [layout.train], max_steps),
-        Stage("probe", "braindino-probe: frozen teacher vs random inits", probe_argvs, probes, [layout.probe]),
+        *(probe_stage(task) for task in PROBE_TASKS),
     ]
 
 
@@ -189,6 +188,8 @@ def run_demo(out: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Run (or reuse) every stage, then write the report; returns `run_stages`' rows."""
     layout = Layout(out)
     stages = _stages(layout, args)
+    if args.fresh:  # the probes' shared feature cache belongs to no one stage
+        shutil.rmtree(layout.probe, ignore_errors=True)
     done = run_stages(layout, stages, args.fresh)
     from braindino_jax.cli.demo_report import write_report
 
