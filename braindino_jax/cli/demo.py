@@ -17,6 +17,7 @@ stage that ran. The report is written anew every time (it takes a second).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import braindino_jax
+from braindino_jax.cli.demo_report import DemoError, read_verdicts, write_report
 from braindino_jax.data.atomic_file import write_atomic
 
 PROG = "braindino"
@@ -43,10 +45,6 @@ TINY_PROBE_OVERRIDES = ("--config.protocol.seeds=(0,)", "--config.protocol.label
                         "--config.protocol.bootstrap=20", "--config.train.epochs=20",
                         "--config.segmentation.steps=20", "--config.segmentation.eval_every=10",
                         "--config.input.n_slices=8", "--config.visualize.n_volumes=1")
-
-
-class DemoError(RuntimeError):
-    """A stage that cannot run or failed; the message names the stage and the command."""
 
 
 def configs_dir() -> Path:
@@ -88,6 +86,7 @@ def _quote(arg: str) -> str:
     return f"'{arg}'" if any(c in arg for c in " *()'\",") else arg
 
 
+@dataclasses.dataclass(frozen=True)
 class Stage:
     """One step of the demo: what it runs and what it leaves.
 
@@ -96,10 +95,12 @@ class Stage:
     so a longer run resumes a shorter one.
     """
 
-    def __init__(self, name: str, title: str, settings: Any, run: Callable[[], None], outputs: list[Path],
-                 extent: Any = None):
-        self.name, self.title, self.settings, self.run, self.outputs = name, title, settings, run, outputs
-        self.extent = extent
+    name: str
+    title: str
+    settings: Any
+    run: Callable[[], None]
+    outputs: list[Path]
+    extent: Any = None
 
 
 def _stages(layout: Layout, args: argparse.Namespace) -> list[Stage]:
@@ -126,6 +127,7 @@ def _stages(layout: Layout, args: argparse.Namespace) -> list[Stage]:
     def prep_argv() -> list[str]:  # one --root per dataset folder the phantoms stage wrote
         roots = sorted(d for d in layout.pretrain_phantoms.iterdir() if d.is_dir())
         return [*(f"--root={d.name}={d}" for d in roots), "--out", str(layout.shards)]
+
     train_config = str(configs / "debug_cpu.py")
     train_argv = ["--config", train_config, "--workdir", str(layout.train),
                   f"--config.data.shards=({shard_glob!r},)"]
@@ -134,6 +136,7 @@ def _stages(layout: Layout, args: argparse.Namespace) -> list[Stage]:
     preview_argv = [shard_glob, "--out", str(layout.preview), "--samples", "4",
                     "--global-size", str(augment.global_size), "--local-size", str(augment.local_size),
                     "--n-local", str(augment.n_local)]
+
     def probe_stage(task: str) -> Stage:
         argv = probe_argv(configs, layout, task, args.tiny)
         return Stage(f"probe-{task}", f"braindino-probe: {task}, frozen teacher vs random inits", argv,
@@ -191,8 +194,6 @@ def run_demo(out: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.fresh:  # the probes' shared feature cache belongs to no one stage
         shutil.rmtree(layout.probe, ignore_errors=True)
     done = run_stages(layout, stages, args.fresh)
-    from braindino_jax.cli.demo_report import write_report
-
     print(f"\n[{len(stages) + 1}/{len(stages) + 1}] report", flush=True)
     print(f"  wrote {write_report(layout, PROBE_TASKS)}", flush=True)
     return done
@@ -252,8 +253,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps is not None and args.steps < 1:
         print(f"{PROG} demo: error: --steps: expected >= 1, got {args.steps}", file=sys.stderr)
         return 2
-    from braindino_jax.cli.demo_report import read_verdicts
-
     t0 = time.perf_counter()
     try:
         stages = run_demo(args.out, args)
@@ -261,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     except DemoError as exc:
         print(f"{PROG} demo: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{PROG} demo: interrupted; run the same command again to resume (finished stages are kept)",
+              file=sys.stderr)
+        return 130
     layout = Layout(args.out)
     reused = sum(s["reused"] for s in stages)
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s ({reused} of {len(stages)} stages reused)")

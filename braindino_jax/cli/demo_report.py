@@ -29,6 +29,11 @@ _ROLES = (("workdir:", "pretrained teacher"), ("random-active:", "random init, L
           ("random:", "random init"), ("export:", "exported weights"), ("dinov3:", "DINOv3 weights"))
 
 
+class DemoError(RuntimeError):
+    """A demo stage that cannot run or failed, or results that are not there; the message says
+    which stage, command or file."""
+
+
 def _num(value: Any) -> float:
     """A value of summary.json, where NaN is stored as null."""
     return math.nan if value is None else float(value)
@@ -85,8 +90,6 @@ class Verdict:
 
 
 def _summary(probe_dir: Path, task: str) -> dict[str, Any]:
-    from braindino_jax.cli.demo import DemoError
-
     path = probe_dir / task / "summary.json"
     try:
         return json.loads(path.read_text())
@@ -108,8 +111,6 @@ def verdict_of(summary: dict[str, Any]) -> Verdict:
     values = {r["encoder"]: _num(r["mean"]) for r in rows if r["head"] == head}
     pretrained = [s for s in values if s.startswith("workdir:")]
     controls = {s: v for s, v in values.items() if s.startswith(("random:", "random-active:"))}
-    from braindino_jax.cli.demo import DemoError
-
     if len(pretrained) != 1 or not controls:
         raise DemoError(f"the {task} probe has no {head}-head {metric} for one workdir: encoder and its "
                         f"random controls (encoders: {sorted(values)})")

@@ -256,6 +256,28 @@ def test_stage_markers_reuse_resume_and_redo(tmp_path):
     assert calls[7:] == ["a", "b"]
 
 
+def test_verdict_compares_with_the_better_control_in_the_metrics_direction():
+    from braindino_jax.cli.demo_report import Verdict
+
+    mae = Verdict("regression", "mae", "mlp", 0.5, {"random:x": 0.7, "random-active:x": 0.6})
+    assert mae.best_control == ("random-active:x", 0.6) and mae.delta == pytest.approx(-0.1)
+    assert mae.beats("random:x") and mae.beats("random-active:x")
+    assert "-0.100, pretrained better (lower is better)" in mae.line()
+    auc = Verdict("classification", "auc", "mlp", 0.8, {"random:x": 0.9, "random-active:x": 0.5})
+    assert auc.best_control == ("random:x", 0.9) and not auc.beats("random:x") and auc.beats("random-active:x")
+    assert "-0.100, random better (higher is better)" in auc.line()
+    nan = Verdict("segmentation", "dice_mean", "linear", float("nan"), {"random:x": 0.3})
+    assert "undefined" in nan.line()
+
+
+def test_bad_steps_is_an_error_naming_the_flag(capsys):
+    from braindino_jax.cli.demo import main
+
+    assert main(["demo", "--steps", "0", "--out", "unused"]) == 2
+    assert "--steps: expected >= 1, got 0" in capsys.readouterr().err
+    assert not Path("unused").exists()
+
+
 def test_configs_folder_is_found_or_named(monkeypatch, tmp_path):
     import braindino_jax
     from braindino_jax.cli.demo import DemoError, configs_dir
