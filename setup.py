@@ -59,6 +59,7 @@ setup(
             "braindino-preview=braindino_jax.cli.preview:main",
             "braindino-train=braindino_jax.cli.train:main",
             "braindino-probe=braindino_jax.cli.probe:main",
+            "braindino=braindino_jax.cli.demo:main",
         ],
     },
 )

@@ -4,6 +4,8 @@ Rows are samples; each row holds global crop 1, global crop 2 (masked patches ti
 then the local crops at their own size. Intensities are z-scores shown through a fixed
 window (default [-2.5, 2.5] -> black..white), so augmentation-driven intensity changes stay
 visible instead of being undone by per-crop rescaling; background (0) shows as mid-grey.
+`add_legend` titles the columns and explains the tint and the window under the grid, so the
+PNG reads on its own.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Sequence
 
 import jax
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from braindino_jax.data.augment import AugmentConfig, augment_batch
 from braindino_jax.data.pipeline import PipelineConfig, expand_shards, first_record, host_dataset
@@ -87,6 +89,45 @@ def render_grid(
     return Image.fromarray(np.round(canvas).astype(np.uint8), mode="RGB")
 
 
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int) -> list[str]:
+    """``text`` broken at spaces into lines narrower than ``width`` pixels (a word wider than
+    the line stays whole on its own line)."""
+    lines, line = [], ""
+    for word in text.split():
+        candidate = f"{line} {word}".strip()
+        if line and draw.textlength(candidate, font=font) > width:
+            lines.append(line)
+            candidate = word
+        line = candidate
+    return lines + ([line] if line else [])
+
+
+def add_legend(grid: Image.Image, n_local: int, global_size: int, local_size: int, patch_size: int,
+               window: tuple[float, float] = (-2.5, 2.5), pad: int = 4, font_size: int = 12) -> Image.Image:
+    """``grid`` (from `render_grid`) with column titles above it and a key below it."""
+    font = ImageFont.load_default(size=font_size)
+    probe = ImageDraw.Draw(grid)
+    columns = [(pad + c * (global_size + pad), global_size, f"global {c + 1}", f"G{c + 1}") for c in range(2)]
+    columns += [(pad + 2 * (global_size + pad) + j * (local_size + pad), local_size, f"local {j + 1}", f"L{j + 1}")
+                for j in range(n_local)]
+    key = (f"G1, G2: global crops ({global_size} px; teacher and student). L1-L{n_local}: local crops "
+           f"({local_size} px; student only). Red tint: {patch_size} px patches masked for iBOT (the student "
+           f"sees a mask token, the teacher the patch). Grey: foreground z-score, window "
+           f"[{window[0]:g}, {window[1]:g}] black to white; background (z = 0) mid-grey. One row per slice.")
+    lines = _wrap(probe, key, font, grid.width - 2 * pad)
+    line_height = font_size + 4
+    header = line_height + pad
+    canvas = Image.new("RGB", (grid.width, header + grid.height + pad + len(lines) * line_height), "white")
+    canvas.paste(grid, (0, header))
+    draw = ImageDraw.Draw(canvas)
+    for x, width, long, short in columns:
+        title = long if draw.textlength(long, font=font) <= width else short
+        draw.text((x + width / 2, header - 2), title, fill=(0, 0, 0), font=font, anchor="md")
+    for k, line in enumerate(lines):
+        draw.text((pad, header + grid.height + pad + k * line_height), line, fill=(0, 0, 0), font=font)
+    return canvas
+
+
 @functools.lru_cache(maxsize=4)
 def _augment_fn(config: AugmentConfig):
     return jax.jit(functools.partial(augment_batch, config=config))
@@ -100,7 +141,8 @@ def preview_shards(
     augment: AugmentConfig = AugmentConfig(),
     patch_size: int = 16,
 ) -> Path:
-    """Read `n_samples` slices through the training pipeline, augment them, write the PNG."""
+    """Read `n_samples` slices through the training pipeline, augment them, write the PNG
+    (the crops grid with its legend)."""
     augment.validate()
     if augment.global_size % patch_size:
         raise ValueError(f"patch_size: {patch_size} does not divide global_size {augment.global_size}")
@@ -114,7 +156,8 @@ def preview_shards(
     iterator.close()
     views = _augment_fn(dataclasses.replace(augment, dtype="float32"))(
         jax.random.key(seed), batch["pixels"], batch["fg_mean"], batch["fg_std"])
-    image = render_grid(np.asarray(views["global"]), np.asarray(views["local"]), batch["masks"])
+    image = add_legend(render_grid(np.asarray(views["global"]), np.asarray(views["local"]), batch["masks"]),
+                       augment.n_local, augment.global_size, augment.local_size, patch_size)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out)

@@ -6,7 +6,7 @@ from PIL import Image
 
 from braindino_jax.cli.preview import main
 from braindino_jax.data import records
-from braindino_jax.data.preview import grid_size, render_grid
+from braindino_jax.data.preview import add_legend, grid_size, render_grid
 
 
 def test_grid_layout_window_and_mask_overlay():
@@ -23,6 +23,21 @@ def test_grid_layout_window_and_mask_overlay():
     assert (rgb[2, 2 + 2 * 18] == [0, 0, 0]).all()        # sample 0, first local crop
     tinted, plain = rgb[3, 20 + 1], rgb[3, 20 + 5]        # masked vs unmasked patch of crop 2
     assert tinted[0] > tinted[1] == tinted[2] and (plain == 128).all()
+
+
+def test_legend_titles_the_columns_and_keeps_the_grid_intact():
+    rng = np.random.default_rng(0)
+    grid = render_grid(rng.uniform(-2, 2, (2, 2, 64, 64)), rng.uniform(-2, 2, (2, 3, 32, 32)),
+                       rng.random((2, 2, 16)) < 0.3)
+    out = np.asarray(add_legend(grid, n_local=3, global_size=64, local_size=32, patch_size=16))
+    g = np.asarray(grid)
+    assert out.shape[1] == g.shape[1]
+    offsets = [y for y in range(out.shape[0] - g.shape[0] + 1) if (out[y:y + g.shape[0]] == g).all()]
+    assert len(offsets) == 1 and 0 < offsets[0] < out.shape[0] - g.shape[0]
+    top, bottom = out[:offsets[0]], out[offsets[0] + g.shape[0]:]
+    assert (top < 100).any() and (bottom < 100).any()  # dark titles above, dark key text below
+    # Titles stay inside their columns: nothing dark in the padding between the two globals.
+    assert (top[:, 4 + 64:4 + 64 + 4] > 200).all()
 
 
 def test_cli_writes_the_png_grid(tmp_path, capsys):
@@ -44,7 +59,8 @@ def test_cli_writes_the_png_grid(tmp_path, capsys):
     assert main(argv) == 0
     image = Image.open(out)
     assert image.format == "PNG" and image.mode == "RGB"
-    assert image.size == grid_size(3, 2, 32, 16)
+    width, height = grid_size(3, 2, 32, 16)
+    assert image.size[0] == width and image.size[1] > height + 32  # the legend's titles and key
     assert len(np.unique(np.asarray(image))) > 10  # real crops, not a blank canvas
 
     assert main([str(tmp_path / "nothing-*"), "--out", str(out)]) == 2

@@ -23,6 +23,7 @@ def test_ci_script_removes_its_environment_even_when_a_step_fails(tmp_path):
                     'exit 3\n')
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     (fake_bin / "python").symlink_to(fake)
+    (fake_bin / "chromium").symlink_to(fake)  # present: the script installs nothing
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}", "TMPDIR": str(scratch)}

@@ -400,9 +400,11 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     section = readme[readme.index(f"## {README_EXAMPLE}"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     monkeypatch.chdir(tmp_path)
+    weights = re.search(r'load_flax_checkpoint\("([^"]+)"\)', code).group(1)
+    volume = re.search(r'preprocess_volume\("([^"]+)"', code).group(1)
     config = vit_config("vit_small").replace(embed_dim=32, depth=1, num_heads=2)
-    save_flax_checkpoint("flax_vitb16", build_vit(config))
-    write_phantom(tmp_path / "sub-01_T1w.nii.gz", 0, spacing=(2.0, 2.0, 2.0), skull_stripped=True)
+    save_flax_checkpoint(weights, build_vit(config))
+    write_phantom(tmp_path / volume, 0, spacing=(2.0, 2.0, 2.0), skull_stripped=True)
     namespace = {}
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["images"].shape == (128, 224, 224, 3) and namespace["images"].dtype == np.float32
