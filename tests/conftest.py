@@ -4,11 +4,15 @@ import os
 import shutil
 import tempfile
 
-# Must happen before JAX initialises its backends.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
+# Must happen before JAX initialises its backends. The tests' programs are small and compiled
+# once each, so LLVM's optimisation of the CPU code costs more than it saves (the HLO passes,
+# which decide fusion and collectives, still run in full).
+_FLAGS = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _FLAGS:
+    _FLAGS += " --xla_force_host_platform_device_count=8"
+if "xla_backend_optimization_level" not in _FLAGS:
+    _FLAGS += " --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = _FLAGS.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache per test session, inherited by the subprocesses that the
 # resume, preemption and multi-process tests start: they compile the programs this process
