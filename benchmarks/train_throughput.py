@@ -155,7 +155,18 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=["base", "remat"], choices=sorted(VARIANTS))
     p.add_argument("--save-every", type=int, default=0)
     p.add_argument("--image-size", type=int, default=256, help="stored slice size")
+    p.add_argument("--flops-only", action="store_true",
+                   help="print the analytic FLOPs of one step for the config and batch, run nothing")
     args, overrides = p.parse_known_args()
+    if args.flops_only:
+        config = load_config(args.config, overrides)
+        config.data.image_size = args.image_size
+        if args.batch:
+            config.train.batch_size = args.batch
+        setup = train_setup.build(build_spec(config, check_data=False, device_count=1, process_count=1))
+        print(json.dumps({"config": args.config, "batch": setup.spec.batch_size,
+                          "step_tflop": round(step_flops(setup) / 1e12, 3)}))
+        return
     peak = peak_matmul_flops()
     results = []
     for variant in args.variants:
