@@ -23,10 +23,14 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIG = str(ROOT / "configs" / "debug_cpu.py")
 
 
-def _one_device_env() -> dict[str, str]:
+def _one_device_env(quick_compile: bool) -> dict[str, str]:
+    """One CPU device; XLA's backend optimisation only off for a short run (see conftest)."""
+    drop = ["xla_force_host_platform_device_count"]
+    if not quick_compile:
+        drop.append("xla_backend_optimization_level")
     env = dict(os.environ)
     env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                if "xla_force_host_platform_device_count" not in f)
+                                if not any(d in f for d in drop))
     return env
 
 
@@ -38,10 +42,10 @@ def demo_shards(tmp_path_factory) -> str:
     return str(out / "slices-*.array_record")
 
 
-def _train(shards: str, workdir: Path, *extra: str) -> list[dict]:
+def _train(shards: str, workdir: Path, *extra: str, quick_compile: bool = True) -> list[dict]:
     cmd = [sys.executable, "-m", "braindino_jax.cli.train", "--config", CONFIG,
            "--workdir", str(workdir), f"--config.data.shards=('{shards}',)", *extra]
-    proc = subprocess.run(cmd, env=_one_device_env(), capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=_one_device_env(quick_compile), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return read_metrics(str(workdir / "metrics.jsonl"))
 
@@ -72,7 +76,7 @@ def test_debug_cpu_learns_and_beats_random_controls_on_a_knn_lesion_probe(demo_s
     from braindino_jax.train.config import load_config
 
     workdir = tmp_path / "run"
-    rows = _train(demo_shards, workdir)
+    rows = _train(demo_shards, workdir, quick_compile=False)
     first, last = rows[:3], rows[-3:]
     ln_k = _ln_k()
     entropy = _mean(last, "diagnostics/target_entropy")
