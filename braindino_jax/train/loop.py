@@ -190,8 +190,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, hooks: Sequence[Ev
                 step += 1
                 if bar is not None:
                     bar.update(1)
-                at_log = step % every == 0 or step == end or preemption.requested
-                if at_log:
+                at_eval = bool(hooks) and config.eval.every > 0 and step % config.eval.every == 0
+                if at_eval or step % every == 0 or step == end or preemption.requested:
                     host = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     elapsed = time.perf_counter() - t_window
                     rate = (step - window_start) * spec.batch_size / max(elapsed, 1e-9)
@@ -205,7 +205,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, hooks: Sequence[Ev
                             f"for {spec.max_consecutive_skips} steps in a row (updates skipped, "
                             f"state unchanged). Last checkpoint: {kept}. See the README's "
                             "troubleshooting section on NaNs.")
-                    if hooks and config.eval.every and step % config.eval.every == 0:
+                    if at_eval:
                         host.update(_evaluate(hooks, setup, state, step))
                     metrics_log.write(step, host)
                     line = console_line(step, total, host, rate, eta)

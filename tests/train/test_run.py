@@ -226,3 +226,23 @@ def test_bad_input_gets_clear_errors(reference, config_file, tmp_path):
     with pytest.raises(ConfigError, match=r"config\.data\.shards: .*matches no file"):
         train(load_config(config_file, [f"--config.data.shards=('{tmp_path}/none-*',)"]),
               str(tmp_path / "run"))
+
+
+def test_eval_hook_runs_on_its_own_schedule(reference, config_file, tmp_path):
+    """Every ``eval.every`` steps, even between logging steps, on the teacher backbone."""
+    workdir = tmp_path / "evaluated"
+    shutil.copytree(reference, workdir)
+    shutil.rmtree(workdir / "checkpoints" / str(STEPS))
+    calls = []
+
+    def hook(backbone, step):
+        calls.append(step)
+        return {"cls_norm": float(np.linalg.norm(backbone.cls_token[...]))}
+
+    config = load_config(config_file)
+    config.train.log_every = 3
+    config.eval.every = 2
+    train(config, str(workdir), hooks=[hook], progress=False)
+    assert calls == [10, 12]
+    rows = _rows(workdir)
+    assert {s for s, r in rows.items() if "eval/cls_norm" in r and s > 9} == {10, 12}
