@@ -289,6 +289,31 @@ def meta_key_shapes(config: ViTConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def meta_key_paths(config: ViTConfig) -> dict[str, tuple]:
+    """Every key of Meta's DINOv3 backbone state dict -> its path in the Flax backbone's state.
+
+    Block paths are ``("blocks", i, ...)``; with ``scan_blocks`` the block parameters live at
+    ``("blocks", ...)`` and ``i`` indexes their leading axis. Includes the RoPE periods buffer
+    (not a parameter on either side).
+    """
+    paths = {key: path for key, path, _ in _top_table(config)}
+    for i in range(config.depth):
+        for suffix, path, _ in _block_table(config):
+            paths[f"blocks.{i}.{suffix}"] = ("blocks", i) + path
+    return paths
+
+
+def head_key_paths(config: HeadConfig) -> dict[str, tuple]:
+    """Every key of a DINOv3 ``DINOHead`` state dict (no weight norm) -> its Flax state path."""
+    paths = {}
+    for i in range(config.nlayers):
+        paths[f"mlp.{2 * i}.weight"] = ("mlp", i, "kernel")
+        if config.mlp_bias:
+            paths[f"mlp.{2 * i}.bias"] = ("mlp", i, "bias")
+    paths["last_layer.weight"] = ("last_layer",)
+    return paths
+
+
 def infer_config(state: Mapping[str, np.ndarray], **overrides: Any) -> ViTConfig:
     """Architecture of a Meta-format state dict; execution and RoPE settings from ``overrides``.
 
