@@ -8,6 +8,12 @@
 * The heads' ``last_layer`` (the prototypes) is flagged, so the optimizer can hold it still
   during the first epoch.
 
+Checked against DINOv3's own ``SSLMetaArch.get_params_groups`` (default config) for every
+parameter of a ViT-B student and its heads (tests/train/test_param_groups_parity.py): equal but
+for the tokens' weight decay above. DINOv3 calls its grouping on each submodule separately, so
+parameter names never carry the ``dino_head`` prefix and its ``dino_head_wd_multiplier`` has no
+effect (its default is 1 anyway); we have no such option.
+
 Parameters are addressed by their path in the student's parameter tree,
 ``{backbone, dino_head, ibot_head}``. With ``scan_blocks`` the block parameters are stacked along a
 leading depth axis, so their lr multiplier is an array ``[depth, 1, ...]`` that broadcasts.

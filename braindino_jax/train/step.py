@@ -34,7 +34,7 @@ import optax
 
 from braindino_jax.data.augment import augment_batch
 from braindino_jax.ssl import centering, diagnostics, dino, gram, ibot, koleo
-from braindino_jax.train.config import TrainSpec
+from braindino_jax.train.config import LossSpec, TrainSpec
 from braindino_jax.train.optimizer import submodule_grad_norms
 from braindino_jax.train.state import Networks, TrainState
 
@@ -64,14 +64,57 @@ def gather_masked(tokens: jax.Array, masks: jax.Array, groups: int,
     return buffer.reshape(groups * bound, -1), weights.reshape(-1)
 
 
-def _targets(spec: TrainSpec, logits: jax.Array, center: jax.Array, temp: jax.Array,
-             valid: jax.Array | None = None) -> jax.Array:
-    if spec.loss.centering == "sinkhorn_knopp":
-        return centering.sinkhorn_knopp(logits, temp, spec.loss.sinkhorn_iterations, valid=valid)
+def teacher_targets(loss_spec: LossSpec, logits: jax.Array, center: jax.Array, temp: jax.Array,
+                    valid: jax.Array | None = None) -> jax.Array:
+    """The teacher's target distributions from its head logits (padding rows, ``~valid``, are 0)."""
+    if loss_spec.centering == "sinkhorn_knopp":
+        return centering.sinkhorn_knopp(logits, temp, loss_spec.sinkhorn_iterations, valid=valid)
     probs = centering.softmax_center_targets(logits, center, temp)
     if valid is not None:
         probs = jnp.where(valid[..., None], probs, 0.0)
     return probs
+
+
+def loss_terms(loss_spec: LossSpec, *, student_global: jax.Array,
+               student_local: jax.Array | None, dino_targets: jax.Array,
+               student_masked: jax.Array, ibot_targets: jax.Array, ibot_weights: jax.Array,
+               n_images: int, student_cls: jax.Array, koleo_group: int | None,
+               student_patches: jax.Array | None = None, gram_targets: jax.Array | None = None,
+               gram_group: int | None = None) -> tuple[jax.Array, dict[str, Any]]:
+    """The weighted total loss and its terms, from the heads' outputs (DINOv3 ``compute_losses``).
+
+    ``student_global`` [G, B, K] and ``student_local`` [L, B, K] are the DINO head's logits on
+    the global and local crops, ``dino_targets`` [G, B, K] the teacher's; ``student_masked``,
+    ``ibot_targets`` [M, K] and ``ibot_weights`` [M] the iBOT head's logits, targets and weights
+    at the gathered masked tokens of the ``n_images`` global-crop images; ``student_cls``
+    [G, B, D] the student backbone's CLS outputs (KoLeo, within groups of ``koleo_group``
+    samples); with Gram anchoring, ``student_patches`` and ``gram_targets`` [G·B, N, D] (in
+    groups of ``gram_group`` images at the batch level). Returns ``(total, terms)``:
+
+        total = w_dino · dino.total + w_ibot · ibot + w_koleo · G · koleo (+ w_gram · gram)
+
+    (``dino.total`` carries DINOv3's global/local scales; KoLeo is the mean over the G crops,
+    so ``G · koleo`` is DINOv3's ``koleo_scale`` times its crop mean.) Checked against Meta's
+    ``SSLMetaArch.forward_backward`` (tests/train/test_step_losses_parity.py).
+    """
+    temp = loss_spec.student_temp
+    terms = {
+        "dino": dino.dino_loss(student_global, student_local, dino_targets, temp,
+                               ignore_diagonal=True),
+        "ibot": ibot.ibot_loss(student_masked, ibot_targets, ibot_weights, n_images=n_images,
+                               student_temp=temp),
+        "koleo": koleo.koleo_loss(student_cls, group_size=koleo_group),
+    }
+    n_global = student_global.shape[0]
+    total = (loss_spec.dino_weight * terms["dino"].total
+             + loss_spec.ibot_weight * terms["ibot"]
+             + loss_spec.koleo_weight * n_global * terms["koleo"])
+    if loss_spec.gram_weight:
+        terms["gram"] = gram.gram_loss(
+            student_patches, gram_targets, loss_spec.gram_image_level, loss_spec.gram_negatives,
+            loss_spec.gram_normalize, group_size=None if loss_spec.gram_image_level else gram_group)
+        total = total + loss_spec.gram_weight * terms["gram"]
+    return total, terms
 
 
 def make_step_fn(spec: TrainSpec, networks: Networks, optimizer: optax.GradientTransformationExtraArgs,
@@ -121,8 +164,9 @@ def make_step_fn(spec: TrainSpec, networks: Networks, optimizer: optax.GradientT
         t_ibot = teacher.ibot_head(t_patches)                                       # [M, K']
         valid = weights > 0
         temp = sched["teacher_temp"]
-        dino_targets = _targets(spec, t_cls, state.dino_center, temp)
-        ibot_targets = _targets(spec, t_ibot, state.ibot_center, temp, valid)
+        dino_targets = teacher_targets(loss_spec, t_cls, state.dino_center, temp)
+        ibot_targets = teacher_targets(loss_spec, t_ibot, state.ibot_center, temp, valid)
+        gram_targets = None
         if loss_spec.gram_weight:
             gram_backbone = networks.gram_teacher(for_compute(state.gram_teacher))
             gram_targets = jax.lax.stop_gradient(gram_backbone(global_crops)["x_norm_patchtokens"])
@@ -138,24 +182,13 @@ def make_step_fn(spec: TrainSpec, networks: Networks, optimizer: optax.GradientT
             else:
                 s_local = None
             s_patches, _ = gather_masked(s_out["x_norm_patchtokens"], masks, groups, mask_bound)
-            terms = {
-                "dino": dino.dino_loss(s_cls, s_local, dino_targets, loss_spec.student_temp,
-                                       ignore_diagonal=True),
-                "ibot": ibot.ibot_loss(student.ibot_head(s_patches), ibot_targets, weights,
-                                       n_images=b * N_GLOBAL, student_temp=loss_spec.student_temp),
-                "koleo": koleo.koleo_loss(crop_major(s_out["x_norm_clstoken"], b),
-                                          group_size=per_device),
-            }
-            if loss_spec.gram_weight:
-                terms["gram"] = gram.gram_loss(
-                    s_out["x_norm_patchtokens"], gram_targets, loss_spec.gram_image_level,
-                    loss_spec.gram_negatives, loss_spec.gram_normalize,
-                    group_size=None if loss_spec.gram_image_level else per_device * N_GLOBAL)
-            total = (loss_spec.dino_weight * terms["dino"].total
-                     + loss_spec.ibot_weight * terms["ibot"]
-                     + loss_spec.koleo_weight * N_GLOBAL * terms["koleo"])
-            if loss_spec.gram_weight:
-                total = total + loss_spec.gram_weight * terms["gram"]
+            total, terms = loss_terms(
+                loss_spec, student_global=s_cls, student_local=s_local, dino_targets=dino_targets,
+                student_masked=student.ibot_head(s_patches), ibot_targets=ibot_targets,
+                ibot_weights=weights, n_images=b * N_GLOBAL,
+                student_cls=crop_major(s_out["x_norm_clstoken"], b), koleo_group=per_device,
+                student_patches=s_out["x_norm_patchtokens"], gram_targets=gram_targets,
+                gram_group=per_device * N_GLOBAL)
             return total, (terms, s_cls, s_out["x_norm_clstoken"])
 
         (total, (terms, s_cls, s_features)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
