@@ -17,16 +17,22 @@ needs no image and its test no ViT. The heads are DINOv3's ``DINOHead`` with sma
 scaled weights (logits of order 1, not the near-uniform ones of a fresh init). Three cases:
 no Gram loss, and Gram anchoring at the image and at the batch level (``gram.ema_teacher``,
 so the EMA teacher's patch features are the Gram targets and no Gram backbone is needed; the
-composition is the same).
+composition is the same). And the Gram-at-batch-level case once more on two processes (a
+gloo group, three samples each), as DINOv3 runs on GPUs: its Sinkhorn-Knopp sums and iBOT token
+count are all-reduced over the ranks, while KoLeo and the batch-level Gram matrix stay within
+each rank's samples; the mean of the ranks' losses is the objective that data-parallel
+gradient averaging minimises.
 
 Stored: the features, head weights, masks and teacher temperature (the inputs); the heads'
 logits and centred targets Meta computes; per case the total loss, each term, and the
-gradients of the total with respect to the students' logits, the KoLeo and Gram inputs and
-the backbone features. Flat arrays are crop-major, as DINOv3 collates them: ``[n_crops·B, ...]``.
+gradients of the total with respect to the student's logits (stored once, under ``base``: Gram
+does not reach them), the KoLeo and Gram inputs and the backbone features; per rank, its
+inputs, targets, loss, terms and feature gradients (``ranks/<r>/...``). Flat arrays are
+crop-major, as DINOv3 collates them: ``[n_crops·B, ...]``.
 
 To run Meta's GPU code on a CPU: ``torch.Tensor.cuda`` is made the identity (``forward_backward``
-moves the batch to the GPU), a one-process gloo group is started (iBOT's Sinkhorn-Knopp
-all-reduces its token count unconditionally), and ``TORCH_COMPILE_DISABLE`` keeps the
+moves the batch to the GPU), a gloo process group is started even for one process (iBOT's
+Sinkhorn-Knopp all-reduces its token count unconditionally), and ``TORCH_COMPILE_DISABLE`` keeps the
 ``SinkhornKnoppTeacher`` module that ``iBOTPatchLoss`` compiles eager (the same arithmetic).
 ``termcolor`` (DINOv3's log colours) is stubbed when not installed.
 """
@@ -56,6 +62,11 @@ CASES = {
     "gram_image": {"gram": {**GRAM, "img_level": True}},
     "gram_batch": {"gram": {**GRAM, "img_level": False}},
 }
+# The multi-GPU case: RANKS processes of B_RANK samples each, on this case's settings.
+RANKS, B_RANK, TWO_RANKS_CASE = 2, 3, "gram_batch"
+# Gradients with respect to the heads' logits: stored once, for "base" (the same in every case)
+LOGIT_GRADS = ("grad/global_cls_after_head", "grad/local_cls_after_head",
+               "grad/masked_patch_after_head")
 TERMS = ("dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss", "gram_loss")
 
 
@@ -116,22 +127,47 @@ def make_heads(head_module, seed: int):
     return heads
 
 
-def make_batch(collate, masking):
-    """DINOv3's collate on B samples of 2 global and N_LOCAL local (1-pixel) crops."""
-    random.seed(0)
-    np.random.seed(0)
+def make_batch(collate, masking, b: int, seed: int):
+    """DINOv3's collate on b samples of 2 global and N_LOCAL local (1-pixel) crops."""
+    random.seed(seed)
+    np.random.seed(seed)
     n_tokens = GRID[0] * GRID[1]
     image = torch.zeros(3, 1, 1)
-    samples = [({"global_crops": [image, image], "local_crops": [image] * N_LOCAL}, None)] * B
+    samples = [({"global_crops": [image, image], "local_crops": [image] * N_LOCAL}, None)] * b
     generator = masking.MaskingGenerator(input_size=GRID, max_num_patches=0.5 * n_tokens)
     batch = collate.collate_data_and_cast(samples, mask_ratio_tuple=(0.1, 0.5), mask_probability=0.5,
                                           dtype=torch.float32, n_tokens=n_tokens,
                                           mask_generator=generator)
-    batch["global_batch_size"] = B
+    batch["global_batch_size"] = b
     return batch
 
 
+def make_features(b: int, seed: int) -> dict:
+    """Backbone outputs, crop-major: the student's are the teacher's plus noise."""
+    gen = torch.Generator().manual_seed(seed)
+    n_patches = GRID[0] * GRID[1]
+    teacher_cls = torch.randn(2 * b, DIM, generator=gen)
+    teacher_patch = torch.randn(2 * b, n_patches, DIM, generator=gen)
+    return {
+        "teacher/cls": teacher_cls,
+        "teacher/patch": teacher_patch,
+        "student/global_cls": teacher_cls + 0.7 * torch.randn(teacher_cls.shape, generator=gen),
+        "student/global_patch": teacher_patch + 0.7 * torch.randn(teacher_patch.shape, generator=gen),
+        "student/local_cls": (teacher_cls.repeat(N_LOCAL // 2, 1)
+                              + torch.randn(N_LOCAL * b, DIM, generator=gen)),
+    }
+
+
+def case_config(config_module, overrides: dict):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.merge(config_module.get_default_config(),
+                           {"student": {"arch": "vit_small"}, "dino": HEAD, "ibot": HEAD,
+                            "crops": {"local_crops_number": N_LOCAL}}, overrides)
+
+
 def run_case(arch_module, cfg, heads, features, batch):
+    """``forward_backward`` of an ``SSLMetaArch`` on fixed features; what its methods saw."""
     model = arch_module.SSLMetaArch(cfg)
     model.student["backbone"] = FixedBackbone(features["student/global_cls"].clone(),
                                               features["student/global_patch"].clone(),
@@ -163,28 +199,74 @@ def run_case(arch_module, cfg, heads, features, batch):
     return model, loss, metrics, seen
 
 
-def main(dinov3_root: str, out: str = "tests/fixtures/dinov3_step_losses.npz") -> None:
-    config_module, arch_module, head_module, collate, masking = import_dinov3(dinov3_root)
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self
-    store = tempfile.mkdtemp()
-    torch.distributed.init_process_group("gloo", init_method=f"file://{store}/pg", rank=0,
-                                         world_size=1)
-
-    from omegaconf import OmegaConf
-
-    batch = make_batch(collate, masking)
-    n_global_images, n_patches = batch["collated_masks"].shape
-    gen = torch.Generator().manual_seed(1)
-    teacher_cls = torch.randn(n_global_images, DIM, generator=gen)
-    teacher_patch = torch.randn(n_global_images, n_patches, DIM, generator=gen)
-    features = {
-        "teacher/cls": teacher_cls,
-        "teacher/patch": teacher_patch,
-        "student/global_cls": teacher_cls + 0.7 * torch.randn(teacher_cls.shape, generator=gen),
-        "student/global_patch": teacher_patch + 0.7 * torch.randn(teacher_patch.shape, generator=gen),
-        "student/local_cls": (teacher_cls.repeat(N_LOCAL // 2, 1)
-                              + torch.randn(N_LOCAL * B, DIM, generator=gen)),
+def case_arrays(model, cfg, loss, metrics, seen) -> dict:
+    """A case's config, loss, terms and gradients (keys without the case prefix)."""
+    student_global, student_local = seen["student"]
+    config = {
+        "dino_loss_weight": model.dino_loss_weight, "ibot_loss_weight": model.ibot_loss_weight,
+        "koleo_loss_weight": model.dino_koleo_loss_weight,
+        "global_ignore_diagonal": model.dino_global_ignore_diagonal,
+        "dino_student_temp": model.dino_loss.student_temp,
+        "ibot_student_temp": model.ibot_patch_loss.student_temp,
+        "n_local_crops": model.n_local_crops, "gram_use_loss": model.gram_use_loss,
+        "gram_loss_weight": getattr(model, "gram_loss_weight", 0.0),
+        "gram_img_level": getattr(model, "gram_img_level", None),
+        "gram_normalized": bool(cfg.gram.normalized), "gram_remove_neg": bool(cfg.gram.remove_neg),
     }
+    arrays = {"config": np.array(json.dumps(config)), "loss": np.array(loss.item(), np.float64)}
+    for term in TERMS:
+        if term in metrics:
+            arrays[term] = np.array(float(metrics[term].detach()), np.float64)
+    grads = {
+        "global_cls_after_head": student_global["cls_after_head"],
+        "local_cls_after_head": student_local["cls_after_head"],
+        "masked_patch_after_head": student_global["masked_patch_after_head"],
+        "cls_pre_head": student_global["cls_pre_head"],  # KoLeo's input only
+        "patch_pre_head": student_global["patch_pre_head"],  # Gram's input only
+        "global_cls": model.student["backbone"].global_cls,  # through the heads too
+        "global_patch": model.student["backbone"].global_patch,
+        "local_cls": model.student["backbone"].local_cls,
+    }
+    for key, tensor in grads.items():
+        if tensor.grad is not None:
+            arrays[f"grad/{key}"] = tensor.grad.numpy()
+    print({k: round(float(metrics[k].detach()), 5) for k in TERMS if k in metrics},
+          "total", round(loss.item(), 5))
+    return arrays
+
+
+def start(dinov3_root: str, store: str, rank: int, world_size: int):
+    modules = import_dinov3(dinov3_root)
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                                         world_size=world_size)
+    return modules
+
+
+def rank_worker(rank: int, dinov3_root: str, store: str, out_dir: str) -> None:
+    """One of RANKS processes: its own samples, collate and features; DINOv3's all-reduces
+    (Sinkhorn-Knopp sums, iBOT token count) span the group, KoLeo and Gram stay per rank."""
+    config_module, arch_module, head_module, collate, masking = start(dinov3_root, store, rank,
+                                                                      RANKS)
+    batch = make_batch(collate, masking, B_RANK, seed=10 + rank)
+    features = make_features(B_RANK, seed=20 + rank)
+    heads = make_heads(head_module, seed=2)
+    cfg = case_config(config_module, CASES[TWO_RANKS_CASE])
+    model, loss, metrics, seen = run_case(arch_module, cfg, heads, features, batch)
+    arrays = {k: v.numpy() for k, v in features.items()}
+    arrays.update({k: v for k, v in case_arrays(model, cfg, loss, metrics, seen).items()
+                   if k not in LOGIT_GRADS})
+    arrays["masks"] = batch["collated_masks"].numpy()
+    arrays["teacher/cls_centered"] = seen["teacher"]["cls_centered"].numpy()
+    np.savez(Path(out_dir) / f"rank{rank}.npz", **arrays)
+    torch.distributed.destroy_process_group()
+
+
+def main(dinov3_root: str, out: str = "tests/fixtures/dinov3_step_losses.npz") -> None:
+    config_module, arch_module, head_module, collate, masking = start(
+        dinov3_root, tempfile.mkdtemp() + "/pg", 0, 1)
+    batch = make_batch(collate, masking, B, seed=0)
+    features = make_features(B, seed=1)
     heads = make_heads(head_module, seed=2)
 
     arrays = {k: v.numpy() for k, v in features.items()}
@@ -198,11 +280,9 @@ def main(dinov3_root: str, out: str = "tests/fixtures/dinov3_step_losses.npz") -
         for key, value in head.state_dict().items():
             arrays[f"{net}/{name}/{key}"] = value.numpy()
 
-    default = config_module.get_default_config()
     for case, overrides in CASES.items():
-        cfg = OmegaConf.merge(default, {"student": {"arch": "vit_small"}, "dino": HEAD,
-                                        "ibot": HEAD, "crops": {"local_crops_number": N_LOCAL}},
-                              overrides)
+        cfg = case_config(config_module, overrides)
+        print(case, end=": ")
         model, loss, metrics, seen = run_case(arch_module, cfg, heads, features, batch)
         teacher, (student_global, student_local) = seen["teacher"], seen["student"]
         with torch.no_grad():  # get_teacher_output keeps only the centred iBOT targets
@@ -221,38 +301,21 @@ def main(dinov3_root: str, out: str = "tests/fixtures/dinov3_step_losses.npz") -
             value = value.detach().numpy()
             assert key not in arrays or np.array_equal(arrays[key], value), key
             arrays[key] = value
-        config = {
-            "dino_loss_weight": model.dino_loss_weight, "ibot_loss_weight": model.ibot_loss_weight,
-            "koleo_loss_weight": model.dino_koleo_loss_weight,
-            "global_ignore_diagonal": model.dino_global_ignore_diagonal,
-            "dino_student_temp": model.dino_loss.student_temp,
-            "ibot_student_temp": model.ibot_patch_loss.student_temp,
-            "n_local_crops": model.n_local_crops, "gram_use_loss": model.gram_use_loss,
-            "gram_loss_weight": getattr(model, "gram_loss_weight", 0.0),
-            "gram_img_level": getattr(model, "gram_img_level", None),
-            "gram_normalized": bool(cfg.gram.normalized), "gram_remove_neg": bool(cfg.gram.remove_neg),
-        }
-        arrays[f"{case}/config"] = np.array(json.dumps(config))
-        arrays[f"{case}/loss"] = np.array(loss.item(), np.float64)
-        for term in TERMS:
-            if term in metrics:
-                arrays[f"{case}/{term}"] = np.array(float(metrics[term].detach()), np.float64)
-        grads = {
-            "global_cls_after_head": student_global["cls_after_head"],
-            "local_cls_after_head": student_local["cls_after_head"],
-            "masked_patch_after_head": student_global["masked_patch_after_head"],
-            "cls_pre_head": student_global["cls_pre_head"],  # KoLeo's input only
-            "patch_pre_head": student_global["patch_pre_head"],  # Gram's input only
-            "global_cls": model.student["backbone"].global_cls,  # through the heads too
-            "global_patch": model.student["backbone"].global_patch,
-            "local_cls": model.student["backbone"].local_cls,
-        }
-        for key, tensor in grads.items():
-            if tensor.grad is not None:
-                arrays[f"{case}/grad/{key}"] = tensor.grad.numpy()
-        print(case, {k: round(float(metrics[k].detach()), 5) for k in TERMS if k in metrics},
-              "total", round(loss.item(), 5))
+        for key, value in case_arrays(model, cfg, loss, metrics, seen).items():
+            if key in LOGIT_GRADS and case != "base":  # Gram does not reach the logits
+                assert np.array_equal(value, arrays[f"base/{key}"]), (case, key)
+                continue
+            arrays[f"{case}/{key}"] = value
     torch.distributed.destroy_process_group()
+
+    # The same step on RANKS processes (its own process group), as DINOv3 runs on GPUs.
+    work = tempfile.mkdtemp()
+    print(f"{RANKS} ranks, {TWO_RANKS_CASE}:")
+    torch.multiprocessing.spawn(rank_worker, args=(dinov3_root, f"{work}/pg", work), nprocs=RANKS)
+    for rank in range(RANKS):
+        with np.load(Path(work) / f"rank{rank}.npz") as f:
+            arrays.update({f"ranks/{rank}/{k}": f[k] for k in f.files})
+
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out, **arrays)
     print(f"wrote {out}")
