@@ -60,7 +60,8 @@ class Phantom:
 class _Anatomy:
     """Random but smooth head geometry, drawn once from a seed and evaluated at world points."""
 
-    def __init__(self, rng: np.random.Generator, lesions: bool):
+    def __init__(self, rng: np.random.Generator, lesions: bool, lesion_count: tuple[int, int] = (2, 5),
+                 lesion_axes_mm: tuple[float, float] = (3.0, 8.0)):
         self.center = rng.uniform(-3.0, 3.0, size=3)
         self.radii = np.array([68.0, 84.0, 62.0]) * rng.uniform(0.94, 1.06, size=3)
         # Low-order shape deformation (odd terms break front/back and top/bottom symmetry).
@@ -85,10 +86,10 @@ class _Anatomy:
         self.bias_coef = rng.normal(0.0, 1.0, size=9)
         self.lesions = []
         if lesions:
-            for _ in range(int(rng.integers(2, 6))):
+            for _ in range(int(rng.integers(lesion_count[0], lesion_count[1] + 1))):
                 direction = _unit_vectors(rng, 1)[0]
                 centre = direction * rng.uniform(0.35, 0.7) * self.radii
-                axes = rng.uniform(3.0, 8.0, size=3)
+                axes = rng.uniform(*lesion_axes_mm, size=3)
                 self.lesions.append((centre, axes))
 
     def labels(self, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -199,6 +200,8 @@ def make_phantom(
     oblique_deg: float = 0.0,
     modality: str = "T1w",
     lesions: bool = True,
+    lesion_count: tuple[int, int] = (2, 5),
+    lesion_axes_mm: tuple[float, float] = (3.0, 8.0),
     skull_stripped: bool = False,
     noise: float = 0.02,
     bias: float = 0.2,
@@ -208,8 +211,15 @@ def make_phantom(
     ``shape`` defaults to the DEFAULT_FOV_MM field of view. ``noise`` is the Rician noise sigma
     relative to white matter; the oblique rotation axis is drawn from the seed, so the same seed
     and angle always give the same affine. ``skull_stripped`` zeroes everything outside the
-    brain (CSF included), like the skull-stripped volumes BrainDINO was trained on.
+    brain (CSF included), like the skull-stripped volumes BrainDINO was trained on. With
+    ``lesions``, ``lesion_count`` (inclusive range) ellipsoids with semi-axes drawn from
+    ``lesion_axes_mm`` replace parenchyma: the default is small, MS-like lesions; (10, 22) mm
+    is tumour-sized.
     """
+    if not 0 <= lesion_count[0] <= lesion_count[1]:
+        raise ValueError(f"lesion_count: expected an inclusive range (lo, hi) with 0 <= lo <= hi, got {lesion_count!r}")
+    if not 0 < lesion_axes_mm[0] <= lesion_axes_mm[1]:
+        raise ValueError(f"lesion_axes_mm: expected (lo, hi) with 0 < lo <= hi, got {lesion_axes_mm!r}")
     if modality not in _CONTRASTS:
         raise ValueError(f"modality: expected one of {MODALITIES}, got {modality!r}")
     spacing = tuple(float(s) for s in spacing)
@@ -220,7 +230,7 @@ def make_phantom(
         )
     shape = tuple(int(n) for n in shape)
     anatomy_rng = np.random.default_rng([seed, 0])
-    anatomy = _Anatomy(anatomy_rng, lesions)
+    anatomy = _Anatomy(anatomy_rng, lesions, lesion_count, lesion_axes_mm)
     obl_axis = _unit_vectors(np.random.default_rng([seed, 2]), 1)[0]
     affine = phantom_affine(shape, spacing, codes, oblique_deg, tuple(obl_axis))
 
@@ -297,6 +307,9 @@ def write_demo_dataset(
     seed: int = 0,
     label_dir: str | os.PathLike | None = None,
     progress: Callable[[Path], None] | None = None,
+    healthy_fraction: float = 0.0,
+    lesion_count: tuple[int, int] = (2, 5),
+    lesion_axes_mm: tuple[float, float] = (3.0, 8.0),
 ) -> list[Path]:
     """Write a small BIDS-style demo corpus and return the image paths.
 
@@ -304,10 +317,13 @@ def write_demo_dataset(
     datasets and three modalities, skull-stripped, with varied orientations, spacings, some
     oblique. Labels, if wanted, mirror that layout under ``label_dir`` with a ``_dseg`` suffix.
     ``progress`` is called with each image path once it is written (a phantom takes a second
-    or so).
+    or so). Each subject (all its modalities) is lesion-free with probability
+    ``healthy_fraction``; the others carry lesions as in ``make_phantom``.
     """
     if n_volumes < 1:
         raise ValueError(f"n_volumes: expected >= 1, got {n_volumes}")
+    if not 0.0 <= healthy_fraction <= 1.0:
+        raise ValueError(f"healthy_fraction: expected a fraction in [0, 1], got {healthy_fraction}")
     rng = np.random.default_rng([seed, 3])
     paths = []
     for i in range(n_volumes):
@@ -316,10 +332,14 @@ def write_demo_dataset(
         rel = Path(dataset, f"sub-{subject}", "ses-1", "anat", f"sub-{subject}_ses-1_{modality}.nii.gz")
         label = None if label_dir is None else Path(label_dir, str(rel).replace(".nii.gz", "_dseg.nii.gz"))
         anatomy_seed = seed * 1000 + (i // len(_DEMO_SERIES)) * 10 + (0 if dataset == "demo-a" else 1)
+        healthy = np.random.default_rng([anatomy_seed, 4]).random() < healthy_fraction
         image, _ = write_phantom(
             Path(out_dir, rel),
             anatomy_seed,
             label_path=label,
+            lesions=not healthy,
+            lesion_count=lesion_count,
+            lesion_axes_mm=lesion_axes_mm,
             modality=modality,
             orientation=_DEMO_ORIENTATIONS[int(rng.integers(len(_DEMO_ORIENTATIONS)))],
             spacing=_DEMO_SPACINGS[int(rng.integers(len(_DEMO_SPACINGS)))],

@@ -52,6 +52,8 @@ def write_phantom_task(
     n_subjects: int = 24,
     seed: int = 0,
     spacing: float = 2.0,
+    lesion_count: tuple[int, int] = (2, 5),
+    lesion_axes_mm: tuple[float, float] = (3.0, 8.0),
 ) -> Path:
     """Write the phantom volumes and ``task.csv`` under ``out_dir`` (once) and return the CSV.
 
@@ -78,6 +80,7 @@ def write_phantom_task(
             phantom = make_phantom(
                 seed * 100_000 + i, spacing=(spacing,) * 3, orientation=orientation,
                 modality=modality, lesions=lesions, skull_stripped=True,
+                lesion_count=lesion_count, lesion_axes_mm=lesion_axes_mm,
             )
             rel = Path("images", f"{subject}_{modality}.nii.gz")
             _save(phantom.image, phantom.affine, tmp / rel, "int16")
