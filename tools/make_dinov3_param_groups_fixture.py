@@ -18,11 +18,11 @@ built small (the prototype count does not change the names). ``SSLMetaArch`` nee
 ``sys.path``; ``termcolor`` (only for DINOv3's log colours) is stubbed when not installed.
 """
 
-import importlib
 import json
 import sys
-import types
 from pathlib import Path
+
+from dinov3_checkout import import_dinov3
 
 # variant -> student options over the default config (all with 4 storage tokens, as BrainDINO)
 VARIANTS = {
@@ -40,19 +40,6 @@ STUDENT_OPTIONS = ("qkv_bias", "proj_bias", "ffn_bias", "ffn_layer", "n_storage_
 SMALL_HEAD = {"head_n_prototypes": 64, "head_hidden_dim": 32, "head_bottleneck_dim": 16}
 
 
-def import_dinov3(dinov3_root: str):
-    """The ``dinov3`` package from the checkout (``termcolor`` stubbed if missing)."""
-    try:
-        import termcolor  # noqa: F401
-    except ImportError:
-        stub = types.ModuleType("termcolor")
-        stub.colored = lambda text, *args, **kwargs: text
-        sys.modules["termcolor"] = stub
-    sys.path.insert(0, str(Path(dinov3_root).resolve()))
-    return (importlib.import_module("dinov3.configs.config"),
-            importlib.import_module("dinov3.train.ssl_meta_arch"))
-
-
 def _dumps(fixture: dict) -> str:
     """JSON with one parameter a line: ``"name": [shape, lr_mult, wd_mult, is_last_layer]``."""
     variants = []
@@ -68,7 +55,7 @@ def _dumps(fixture: dict) -> str:
 def main(dinov3_root: str, out: str = "tests/fixtures/dinov3_param_groups.json") -> None:
     from omegaconf import OmegaConf
 
-    config_module, arch_module = import_dinov3(dinov3_root)
+    config_module, arch_module = import_dinov3(dinov3_root, "configs.config", "train.ssl_meta_arch")
     default = config_module.get_default_config()
     fixture = {
         "hyper": {k: default.optim[k] for k in

@@ -38,13 +38,11 @@ Sinkhorn-Knopp all-reduces its token count unconditionally), and ``TORCH_COMPILE
 """
 
 import copy
-import importlib
 import json
 import os
 import random
 import sys
 import tempfile
-import types
 from pathlib import Path
 
 os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
@@ -52,6 +50,8 @@ os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+
+from dinov3_checkout import import_dinov3  # noqa: E402
 
 B, N_LOCAL, GRID, DIM, TEACHER_TEMP = 4, 2, (4, 4), 8, 0.06
 HEAD = {"head_n_prototypes": 64, "head_hidden_dim": 32, "head_bottleneck_dim": 8, "head_nlayers": 3}
@@ -68,20 +68,6 @@ RANKS, B_RANK, TWO_RANKS_CASE = 2, 3, "gram_batch"
 LOGIT_GRADS = ("grad/global_cls_after_head", "grad/local_cls_after_head",
                "grad/masked_patch_after_head")
 TERMS = ("dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss", "gram_loss")
-
-
-def import_dinov3(dinov3_root: str):
-    """The ``dinov3`` package from the checkout (``termcolor`` stubbed if missing)."""
-    try:
-        import termcolor  # noqa: F401
-    except ImportError:
-        stub = types.ModuleType("termcolor")
-        stub.colored = lambda text, *args, **kwargs: text
-        sys.modules["termcolor"] = stub
-    sys.path.insert(0, str(Path(dinov3_root).resolve()))
-    return tuple(importlib.import_module(f"dinov3.{name}") for name in
-                 ("configs.config", "train.ssl_meta_arch", "layers.dino_head", "data.collate",
-                  "data.masking"))
 
 
 class FixedBackbone(nn.Module):
@@ -236,7 +222,8 @@ def case_arrays(model, cfg, loss, metrics, seen) -> dict:
 
 
 def start(dinov3_root: str, store: str, rank: int, world_size: int):
-    modules = import_dinov3(dinov3_root)
+    modules = import_dinov3(dinov3_root, "configs.config", "train.ssl_meta_arch", "layers.dino_head",
+                            "data.collate", "data.masking")
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
                                          world_size=world_size)
