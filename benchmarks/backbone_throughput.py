@@ -1,7 +1,7 @@
 """Backbone throughput: forward and forward+backward images/s and achieved FLOP/s, printed as JSON.
 
 CPU default (about 2 minutes): vit_small at 96 and 224 px, batch 4, float32, comparing
-jax.nn.dot_product_attention with the naive einsum attention in the same run.
+jax.nn.dot_product_attention with matmul attention (models/vit.py) in the same run.
 GPU example: --sizes vit_base vit_large --dtype bfloat16 --batch 64 --attention dot_product
              --attention-implementation cudnn
 FLOPs come from braindino_jax.models.flops (forward formula; forward+backward = 3x forward).
@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resolutions", nargs="+", type=int, default=[96, 224])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--attention", nargs="+", default=["dot_product", "einsum"],
-                        choices=["dot_product", "einsum"])
+    parser.add_argument("--attention", nargs="+", default=["dot_product", "matmul"],
+                        choices=["dot_product", "matmul"])
     parser.add_argument("--attention-implementation", default=None, choices=[None, "xla", "cudnn"])
     parser.add_argument("--remat", action="store_true")
     parser.add_argument("--steps", type=int, default=3)

@@ -10,11 +10,14 @@
    ``torch.autocast``), torch inference mode with torch's thread count = the machine's cores
    (XLA's CPU backend uses all cores). ``ours_as_built`` is the backbone as models/ builds it,
    ``ours_probe`` the probes' execution (``encoders.with_execution`` with ``extract.attention
-   = "auto"``: bf16 matmuls that return float32, and einsum attention for bf16 on CPU).
+   = "auto"``: matmul attention on CPU; in bfloat16, bf16 matmuls that return float32).
    ``max_abs_cls_diff`` is against timm float32.
 3. ``attention``: one ViT-B attention layer's core, [batch, 201 tokens, 12 heads, 64]:
-   ``jax.nn.dot_product_attention``, models/vit.py's ``einsum_attention``, and the same maths
-   with the heads folded into the batch of contiguous batched matmuls (float32 results).
+   ``jax.nn.dot_product_attention``, the same maths as one einsum per product (heads left in
+   place), and models/vit.py's ``matmul_attention`` (heads folded into a contiguous batch).
+4. ``gemm``: the backbone's largest matmul alone (ViT-B's MLP fc1 at ``--batch`` slices:
+   [batch x 201, 768] x [768, 3072], float32 accumulation), XLA against torch, in GFLOP/s:
+   the ceiling that XLA's CPU matmul sets on the backbone comparison.
 
 Every variant is timed ``--rounds`` times, interleaved with the others, and the best round is
 reported: other processes on the machine can only slow a round down.
@@ -158,21 +161,15 @@ def attention(args) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from braindino_jax.models.vit import einsum_attention
+    from braindino_jax.models.vit import matmul_attention
 
-    def heads_in_batch(q, k, v):
-        b, t, n, h = q.shape
-
-        def fold(x):
-            return x.transpose(0, 2, 1, 3).reshape(b * n, t, h)
-
-        logits = jnp.matmul(fold(q) * h**-0.5, fold(k).transpose(0, 2, 1), preferred_element_type=jnp.float32)
+    def einsum_attention(q, k, v):
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.matmul(probs, fold(v), preferred_element_type=jnp.float32).astype(v.dtype)
-        return out.reshape(b, n, t, h).transpose(0, 2, 1, 3)
+        return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
-    implementations = {"dot_product_attention": jax.nn.dot_product_attention, "einsum_attention": einsum_attention,
-                       "heads_in_batch_matmul": heads_in_batch}
+    implementations = {"dot_product_attention": jax.nn.dot_product_attention, "einsum": einsum_attention,
+                       "matmul_attention": matmul_attention}
     runners = {}
     for dtype in args.dtypes:
         q = jax.random.normal(jax.random.key(0), (args.batch, 201, 12, 64)).astype(dtype)
@@ -184,10 +181,35 @@ def attention(args) -> dict:
             "results": [{"impl": name, "dtype": dtype, "ms": round(s * 1000, 1)} for (name, dtype), s in best.items()]}
 
 
+def gemm(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    torch.set_num_threads(os.cpu_count())
+    m, k, n = args.batch * 201, 768, 3072
+    runners = {}
+    for dtype in args.dtypes:
+        a, b = jnp.ones((m, k), dtype), jnp.ones((k, n), dtype)
+        compiled = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+        runners[("xla", dtype)] = lambda compiled=compiled, a=a, b=b: jax.block_until_ready(compiled(a, b))
+        ta, tb = torch.ones(m, k, dtype=getattr(torch, dtype)), torch.ones(k, n, dtype=getattr(torch, dtype))
+
+        def torch_run(ta=ta, tb=tb):
+            with torch.inference_mode():
+                return ta @ tb
+
+        runners[("torch", dtype)] = torch_run
+    _, best = _best_of(runners, max(args.rounds, 3))
+    return {"shape": [m, k, n], "torch_threads": torch.get_num_threads(),
+            "results": [{"impl": impl, "dtype": dtype, "gflop_per_s": round(2 * m * k * n / s / 1e9, 1)}
+                        for (impl, dtype), s in best.items()]}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", nargs="+", default=["extraction", "backbone", "attention"],
-                        choices=["extraction", "backbone", "attention"])
+                        choices=["extraction", "backbone", "attention", "gemm"])
     parser.add_argument("--volumes", type=int, default=6)
     parser.add_argument("--slices", type=int, default=128)
     parser.add_argument("--size", type=int, default=224)

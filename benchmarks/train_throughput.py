@@ -36,7 +36,7 @@ from braindino_jax.train.checkpoint import Checkpointer  # noqa: E402
 from braindino_jax.train.config import build_spec, load_config  # noqa: E402
 
 VARIANTS = {"base": {}, "remat": {"remat": True}, "scan": {"scan_blocks": True},
-            "remat+scan": {"remat": True, "scan_blocks": True}}
+            "remat+scan": {"remat": True, "scan_blocks": True}, "matmul_attention": {"attention": "matmul"}}
 
 
 def head_flops(head, tokens: int) -> int:

@@ -15,7 +15,7 @@ COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": j
 _FFN_LAYERS = ("mlp", "swiglu")
 _DROP_PATH_SCHEDULES = ("uniform", "linear")
 _NORMALIZE_COORDS = ("separate", "min", "max")
-_ATTENTION = ("dot_product", "einsum")
+_ATTENTION = ("dot_product", "matmul")
 _ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
 
 
@@ -58,7 +58,7 @@ class ViTConfig:
     rope_jitter_coords: float | None = None
     rope_rescale_coords: float | None = None
     dtype: str = "float32"  # compute dtype of the matmuls; parameters always float32
-    attention: str = "dot_product"  # jax.nn.dot_product_attention, or the naive "einsum" path
+    attention: str = "dot_product"  # jax.nn.dot_product_attention, or "matmul" (vit.matmul_attention)
     attention_implementation: str | None = None  # passed to dot_product_attention ("xla", "cudnn")
     remat: bool = False
     scan_blocks: bool = False

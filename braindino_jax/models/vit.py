@@ -87,16 +87,24 @@ class Attention(nnx.Module):
         if c.attention == "dot_product":
             out = jax.nn.dot_product_attention(q, k, v, implementation=c.attention_implementation)
         else:
-            out = einsum_attention(q, k, v)
+            out = matmul_attention(q, k, v)
         return self.proj(out.reshape(b, n, c.embed_dim))
 
 
-def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Reference softmax attention on [B, N, heads, D]; logits and softmax in float32."""
-    scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=_F32) * scale
+def matmul_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Softmax attention on [B, N, heads, D] as two batched matmuls, logits and softmax in
+    float32. The heads are folded into a contiguous batch first: XLA's CPU matmul then runs
+    1.8x (float32) to 3.8x (bfloat16) faster than ``dot_product_attention`` on ViT-B shapes
+    (``benchmarks/probe_throughput.py --sections attention``)."""
+    b, n, heads, d = q.shape
+
+    def fold(x: jax.Array) -> jax.Array:
+        return x.transpose(0, 2, 1, 3).reshape(b * heads, n, d)
+
+    logits = jnp.matmul(fold(q), fold(k).transpose(0, 2, 1), preferred_element_type=_F32) * d**-0.5
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    out = jnp.matmul(probs, fold(v), preferred_element_type=_F32).astype(v.dtype)
+    return out.reshape(b, heads, n, d).transpose(0, 2, 1, 3)
 
 
 class Mlp(nnx.Module):

@@ -32,7 +32,7 @@ TOKENS = ("cls", "patch_mean", "cls+patch_mean")
 POOLINGS = ("mean", "max", "attention")
 MODALITY_FUSIONS = ("average", "concat")
 DTYPES = ("float32", "bfloat16")
-ATTENTIONS = ("auto", "dot_product", "einsum")
+ATTENTIONS = ("auto", "dot_product", "matmul")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -77,7 +77,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.extract = ml_collections.ConfigDict(dict(
         batch_size=128,  # slices per forward pass (rounded up to a multiple of the devices)
         dtype="float32",  # matmul dtype of the encoder: float32 | bfloat16
-        attention="auto",  # auto (einsum for bfloat16 on CPU, else the model's) | dot_product | einsum
+        attention="auto",  # auto (matmul on CPU, else the model's) | dot_product | matmul
         workers=2,  # preprocessing processes (0: in the main process)
         cache_dir="",  # default: <output_dir>/feature_cache
         progress=True,

@@ -8,7 +8,7 @@ import torch
 from flax import nnx
 
 from braindino_jax.models.config import ModelConfigError, ViTConfig, vit_config
-from braindino_jax.models.vit import VisionTransformer, abstract_vit, count_params, drop_path
+from braindino_jax.models.vit import VisionTransformer, abstract_vit, count_params, drop_path, matmul_attention
 
 TINY = ViTConfig(embed_dim=64, depth=3, num_heads=4, n_storage_tokens=2, patch_size=8)
 
@@ -162,13 +162,28 @@ def test_bf16_agrees_with_f32(tiny, images):
     assert bf16.blocks[0].attn.qkv.kernel[...].dtype == jnp.float32
 
 
-@pytest.mark.parametrize("options", [dict(scan_blocks=True), dict(remat=True), dict(attention="einsum")])
+@pytest.mark.parametrize("options", [dict(scan_blocks=True), dict(remat=True), dict(attention="matmul")])
 def test_execution_options_give_same_outputs(tiny, images, options):
     other = copy_params(tiny, TINY.replace(**options))
     ref, out = forward(tiny, images, layers=(1,)), forward(other, images, layers=(1,))
     np.testing.assert_allclose(out["x_prenorm"], ref["x_prenorm"], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out["intermediate_layers"][0]["x_norm_patchtokens"],
                                ref["intermediate_layers"][0]["x_norm_patchtokens"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_matmul_attention_is_softmax_attention_and_survives_extreme_logits(dtype, tol):
+    keys = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(key, (2, 7, 3, 8)) for key in keys)
+    q = q.at[0, 0, 0].mul(1e4)  # logits of order 1e4 in one row: a max-shifted softmax stays finite
+    out = matmul_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype))
+    assert out.shape == q.shape and out.dtype == dtype
+    logits = np.einsum("bqhd,bkhd->bhqk", np.float64(q), np.float64(k)) / np.sqrt(8)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    ref = np.einsum("bhqk,bkhd->bqhd", probs, np.float64(v))
+    assert np.all(np.isfinite(np.float32(out)))
+    np.testing.assert_allclose(np.float32(out), ref, rtol=tol, atol=tol * 3)
 
 
 def test_scan_remat_gradients_and_drop_path_match_loop(tiny, images):
