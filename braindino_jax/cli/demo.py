@@ -34,7 +34,7 @@ PROG = "braindino"
 PROBE_TASKS = ("classification", "regression", "segmentation")
 MARKERS = ".stages"
 PRETRAIN_VOLUMES = 8
-PROBE_SUBJECTS = 24
+PROBE_SUBJECTS = 48
 PROBE_SEED = 1  # probe subjects are other phantoms than the pretraining ones (seed 0)
 # --tiny (tests): fewer phantoms and a one-seed, short probe protocol; every stage still runs.
 TINY_PRETRAIN_VOLUMES = 3

@@ -4,7 +4,7 @@ Argument: TASK[,RUN] with TASK one of classification (lesion present/absent, the
 regression (lesion volume, log1p), survival (synthetic, shortening with lesion volume) or
 segmentation (CSF / grey matter / white matter / lesion); RUN, a training work directory, adds
 its teacher and random inits of the same architecture. Without RUN, a tiny random ViT (and its
-LayerScale-1 control) stands in. Small on purpose: 24 subjects, 16 slices of 96 px.
+LayerScale-1 control) stands in. Small on purpose: 48 subjects (12 in the test split), 16 slices of 96 px.
 
     braindino-probe --config configs/probes/demo.py
     braindino-probe --config configs/probes/demo.py:segmentation,runs/debug
@@ -25,7 +25,7 @@ def get_config(arg: str | None = None):
     c.output_dir = f"probe_demo/{task}"
     c.task.name = f"phantom-{task}"
     c.task.type = task
-    c.task.phantoms = 24
+    c.task.phantoms = 48
     c.task.image_columns = ("t1", "flair")
     c.task.label_column = {"classification": "lesion", "regression": "lesion_ml"}.get(task, "label")
     c.task.log1p = task == "regression"
