@@ -61,7 +61,7 @@ class _Anatomy:
     """Random but smooth head geometry, drawn once from a seed and evaluated at world points."""
 
     def __init__(self, rng: np.random.Generator, lesions: bool, lesion_count: tuple[int, int] = (2, 5),
-                 lesion_axes_mm: tuple[float, float] = (3.0, 8.0)):
+                 lesion_axes_mm: tuple[float, float] = (3.0, 8.0), lesion_rng: np.random.Generator | None = None):
         self.center = rng.uniform(-3.0, 3.0, size=3)
         self.radii = np.array([68.0, 84.0, 62.0]) * rng.uniform(0.94, 1.06, size=3)
         # Low-order shape deformation (odd terms break front/back and top/bottom symmetry).
@@ -85,6 +85,7 @@ class _Anatomy:
         ]
         self.bias_coef = rng.normal(0.0, 1.0, size=9)
         self.lesions = []
+        rng = rng if lesion_rng is None else lesion_rng
         if lesions:
             for _ in range(int(rng.integers(lesion_count[0], lesion_count[1] + 1))):
                 direction = _unit_vectors(rng, 1)[0]
@@ -202,6 +203,7 @@ def make_phantom(
     lesions: bool = True,
     lesion_count: tuple[int, int] = (2, 5),
     lesion_axes_mm: tuple[float, float] = (3.0, 8.0),
+    lesion_seed: int | None = None,
     skull_stripped: bool = False,
     noise: float = 0.02,
     bias: float = 0.2,
@@ -214,7 +216,8 @@ def make_phantom(
     brain (CSF included), like the skull-stripped volumes BrainDINO was trained on. With
     ``lesions``, ``lesion_count`` (inclusive range) ellipsoids with semi-axes drawn from
     ``lesion_axes_mm`` replace parenchyma: the default is small, MS-like lesions; (10, 22) mm
-    is tumour-sized.
+    is tumour-sized. ``lesion_seed`` draws the lesions apart from the anatomy, so one head can
+    carry different lesions (as follow-up sessions of one subject do).
     """
     if not 0 <= lesion_count[0] <= lesion_count[1]:
         raise ValueError(f"lesion_count: expected an inclusive range (lo, hi) with 0 <= lo <= hi, got {lesion_count!r}")
@@ -230,7 +233,8 @@ def make_phantom(
         )
     shape = tuple(int(n) for n in shape)
     anatomy_rng = np.random.default_rng([seed, 0])
-    anatomy = _Anatomy(anatomy_rng, lesions, lesion_count, lesion_axes_mm)
+    lesion_rng = None if lesion_seed is None else np.random.default_rng([lesion_seed, 5])
+    anatomy = _Anatomy(anatomy_rng, lesions, lesion_count, lesion_axes_mm, lesion_rng)
     obl_axis = _unit_vectors(np.random.default_rng([seed, 2]), 1)[0]
     affine = phantom_affine(shape, spacing, codes, oblique_deg, tuple(obl_axis))
 

@@ -38,6 +38,17 @@ def test_lesions_leave_the_rest_of_the_anatomy_alone():
     assert np.all(lesioned[differ] == LABELS["lesion"])
 
 
+def test_lesion_seed_gives_one_head_different_lesions():
+    """Follow-up sessions of one subject: the same anatomy, lesions drawn apart from it."""
+    first, second, again = (make_phantom(3, spacing=SPACING, noise=0.0, lesion_axes_mm=(8.0, 14.0), lesion_seed=s).labels
+                            for s in (1, 2, 1))
+    lesion = LABELS["lesion"]
+    np.testing.assert_array_equal(first, again)
+    assert np.any((first == lesion) != (second == lesion))
+    outside = (first != lesion) & (second != lesion)
+    np.testing.assert_array_equal(first[outside], second[outside])
+
+
 @pytest.mark.parametrize("field, kwargs", [
     ("lesion_count", {"lesion_count": (3, 1)}),
     ("lesion_count", {"lesion_count": (-1, 2)}),
