@@ -33,11 +33,13 @@ from braindino_jax.data.atomic_file import write_atomic
 PROG = "braindino"
 PROBE_TASKS = ("classification", "regression", "segmentation")
 MARKERS = ".stages"
-PRETRAIN_VOLUMES = 8
+# The pretraining corpus (preprocessing.phantom.write_sessions_dataset): 6 heads x 4 sessions x
+# FLAIR/T1w = 48 volumes, a lesion-free baseline and then new lesions each session.
+PRETRAIN_PHANTOMS = {"n_subjects": 6, "sessions": 4}
 PROBE_SUBJECTS = 48
 PROBE_SEED = 1  # probe subjects are other phantoms than the pretraining ones (seed 0)
 # --tiny (tests): fewer phantoms and a one-seed, short probe protocol; every stage still runs.
-TINY_PRETRAIN_VOLUMES = 3
+TINY_PRETRAIN_PHANTOMS = {"n_subjects": 1, "sessions": 2}
 TINY_PROBE_SUBJECTS = 8
 PROBE_SPACING = 2.0  # mm, the phantoms' voxels (the probe config resamples to 2 mm)
 TINY_PROBE_SPACING = 3.0
@@ -108,18 +110,18 @@ def _stages(layout: Layout, args: argparse.Namespace) -> list[Stage]:
     from braindino_jax.train.config import load_config
 
     configs = configs_dir()
-    pretrain_volumes = TINY_PRETRAIN_VOLUMES if args.tiny else PRETRAIN_VOLUMES
+    pretrain = TINY_PRETRAIN_PHANTOMS if args.tiny else PRETRAIN_PHANTOMS
     probe_subjects = TINY_PROBE_SUBJECTS if args.tiny else PROBE_SUBJECTS
     probe_spacing = TINY_PROBE_SPACING if args.tiny else PROBE_SPACING
     shard_glob = str(layout.shards / "slices-*.array_record")
 
     def phantoms() -> None:
-        from braindino_jax.preprocessing.phantom import write_demo_dataset
+        from braindino_jax.preprocessing.phantom import write_sessions_dataset
         from braindino_jax.probes.phantom_tasks import write_phantom_task
 
-        print(f"writing {pretrain_volumes} pretraining phantoms (BIDS layout, two datasets) to "
-              f"{layout.pretrain_phantoms}", flush=True)
-        write_demo_dataset(layout.pretrain_phantoms, n_volumes=pretrain_volumes)
+        print(f"writing pretraining phantoms ({pretrain['n_subjects']} heads x {pretrain['sessions']} sessions x "
+              f"FLAIR/T1w, BIDS layout) to {layout.pretrain_phantoms}", flush=True)
+        write_sessions_dataset(layout.pretrain_phantoms, **pretrain)
         print(f"writing {probe_subjects} probe subjects (T1w, FLAIR, tissue labels, half with lesions) to "
               f"{layout.probe_task}", flush=True)
         write_phantom_task(layout.probe_task, n_subjects=probe_subjects, seed=PROBE_SEED, spacing=probe_spacing)
@@ -143,7 +145,7 @@ def _stages(layout: Layout, args: argparse.Namespace) -> list[Stage]:
                      lambda: _command("braindino-probe", probe.main, argv), [layout.probe_dir(task)])
 
     return [
-        Stage("phantoms", "generate phantoms", [pretrain_volumes, probe_subjects, PROBE_SEED, probe_spacing], phantoms,
+        Stage("phantoms", "generate phantoms", [pretrain, probe_subjects, PROBE_SEED, probe_spacing], phantoms,
               [layout.pretrain_phantoms, layout.probe_task]),
         Stage("prep", "braindino-prep: phantoms -> ArrayRecord shards", [str(layout.shards)],
               lambda: _command("braindino-prep", prep.main, prep_argv()), [layout.shards]),

@@ -354,3 +354,48 @@ def write_demo_dataset(
         if progress is not None:
             progress(image)
     return paths
+
+
+def write_sessions_dataset(
+    out_dir: str | os.PathLike,
+    n_subjects: int = 6,
+    sessions: int = 4,
+    seed: int = 0,
+    modalities: tuple[str, ...] = ("FLAIR", "T1w"),
+    spacing: float = 2.0,
+    lesion_count: tuple[int, int] = (1, 3),
+    lesion_axes_mm: tuple[float, float] = (6.0, 20.0),
+    label_dir: str | os.PathLike | None = None,
+    progress: Callable[[Path], None] | None = None,
+) -> list[Path]:
+    """A longitudinal BIDS corpus: each head scanned in ``sessions`` sessions, the first
+    lesion-free (a baseline) and each later one with its own lesions, drawn apart from the
+    anatomy.
+
+    This is the demo's pretraining corpus. Telling apart slices of one head is then a matter of
+    its lesions, so DINO's teacher learns them; on a few heads that always carry lesions, the
+    anatomy alone tells slices apart and the teacher ignores lesions. Layout:
+    ``<out_dir>/sessions/sub-XX/ses-N/anat/sub-XX_ses-N_<modality>.nii.gz``, skull-stripped,
+    isotropic ``spacing``, varied orientations; labels mirror it under ``label_dir``.
+    """
+    if n_subjects < 1 or sessions < 1:
+        raise ValueError(f"n_subjects, sessions: expected >= 1, got {n_subjects}, {sessions}")
+    rng = np.random.default_rng([seed, 6])
+    paths = []
+    for subject in range(n_subjects):
+        anatomy_seed = 500 + seed * 1000 + subject
+        for session in range(sessions):
+            for modality in modalities:
+                name = f"sub-{subject + 1:02d}_ses-{session + 1}_{modality}.nii.gz"
+                rel = Path("sessions", f"sub-{subject + 1:02d}", f"ses-{session + 1}", "anat", name)
+                label = None if label_dir is None else Path(label_dir, str(rel).replace(".nii.gz", "_dseg.nii.gz"))
+                image, _ = write_phantom(
+                    Path(out_dir, rel), anatomy_seed, label_path=label, modality=modality,
+                    lesions=session > 0, lesion_count=lesion_count, lesion_axes_mm=lesion_axes_mm,
+                    lesion_seed=anatomy_seed * 1000 + session, skull_stripped=True, spacing=(spacing,) * 3,
+                    orientation=_DEMO_ORIENTATIONS[int(rng.integers(len(_DEMO_ORIENTATIONS)))],
+                )
+                paths.append(image)
+                if progress is not None:
+                    progress(image)
+    return paths

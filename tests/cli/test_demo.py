@@ -109,7 +109,7 @@ def test_every_stage_leaves_its_artefacts(demo):
         assert first.pixels.dtype == np.uint8 and first.pixels.ndim == 2
     assert counts == card["shards"]["records"] and sum(counts) == card["totals"]["slices"] > 0
     manifest = [json.loads(line) for line in (out / "shards" / "manifest.jsonl").read_text().splitlines()]
-    assert len(manifest) == card["totals"]["volumes"]["ok"] == 3
+    assert len(manifest) == card["totals"]["volumes"]["ok"] == 4  # --tiny: 1 head x 2 sessions x FLAIR, T1w
     assert {row["status"] for row in manifest} == {"ok"}
     # Pretraining: an Orbax checkpoint at the last step, the teacher export, metrics, curves.
     steps = [int(p.name) for p in (out / "train" / "checkpoints").iterdir() if p.name.isdigit()]

@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from braindino_jax.preprocessing.phantom import LABELS, make_phantom, write_demo_dataset
+from braindino_jax.preprocessing.phantom import LABELS, make_phantom, write_demo_dataset, write_sessions_dataset
 
 SPACING = (3.0, 3.0, 3.0)
 
@@ -78,3 +78,19 @@ def test_demo_dataset_healthy_fraction_is_per_subject(tmp_path):
     assert all(max(v) == 0 for v in by_fraction[1.0])
     # Every modality of one subject agrees: all lesioned or all healthy.
     assert all(min(v) > 0 or max(v) == 0 for v in by_fraction[0.5])
+
+
+def test_sessions_dataset_shares_the_head_and_draws_lesions_per_session(tmp_path):
+    labels = tmp_path / "labels"
+    paths = write_sessions_dataset(tmp_path / "images", n_subjects=2, sessions=3, modalities=("T1w",),
+                                   spacing=4.0, label_dir=labels)
+    assert [p.parts[-4:-2] for p in paths] == [(f"sub-0{s}", f"ses-{n}") for s in (1, 2) for n in (1, 2, 3)]
+    with pytest.raises(ValueError, match="sessions"):
+        write_sessions_dataset(tmp_path / "bad", sessions=0)
+    for subject in ("sub-01", "sub-02"):
+        maps = [np.asarray(nib.load(p).dataobj) for p in sorted((labels / "sessions" / subject).rglob("*_dseg.nii.gz"))]
+        lesion = [m == LABELS["lesion"] for m in maps]
+        assert not lesion[0].any() and lesion[1].any() and lesion[2].any()  # a healthy baseline, then lesions
+        assert lesion[1].sum() != lesion[2].sum()
+        heads = [np.count_nonzero(m) for m in maps]  # one head, sampled in other orientations
+        assert max(heads) - min(heads) < 0.03 * heads[0]

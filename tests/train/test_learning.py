@@ -36,10 +36,25 @@ def _one_device_env(quick_compile: bool) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def demo_shards(tmp_path_factory) -> str:
+    """``braindino-prep --demo``: 8 small volumes, enough for a short run."""
     out = tmp_path_factory.mktemp("demo_shards")
     subprocess.run([sys.executable, "-m", "braindino_jax.cli.prep", "--demo", "--out", str(out)],
                    check=True, capture_output=True, text=True)
     return str(out / "slices-*.array_record")
+
+
+@pytest.fixture(scope="module")
+def pretraining_shards(tmp_path_factory) -> str:
+    """The pretraining corpus of ``braindino demo``, prepared as the demo prepares it."""
+    from braindino_jax.cli.demo import PRETRAIN_PHANTOMS
+    from braindino_jax.preprocessing.phantom import write_sessions_dataset
+
+    root = tmp_path_factory.mktemp("pretraining")
+    write_sessions_dataset(root / "phantoms", **PRETRAIN_PHANTOMS)
+    roots = [f"--root={d.name}={d}" for d in sorted((root / "phantoms").iterdir())]
+    subprocess.run([sys.executable, "-m", "braindino_jax.cli.prep", *roots, "--out", str(root / "shards")],
+                   check=True, capture_output=True, text=True)
+    return str(root / "shards" / "slices-*.array_record")
 
 
 def _train(shards: str, workdir: Path, *extra: str, quick_compile: bool = True) -> list[dict]:
@@ -71,12 +86,12 @@ def test_targets_leave_the_uniform_bound_within_the_first_steps(demo_shards, tmp
 
 
 @pytest.mark.slow
-def test_debug_cpu_learns_and_beats_random_controls_on_a_knn_lesion_probe(demo_shards, tmp_path):
+def test_debug_cpu_learns_and_beats_random_controls_on_a_knn_lesion_probe(pretraining_shards, tmp_path):
     from braindino_jax.probes.protocol import run_probe
     from braindino_jax.train.config import load_config
 
     workdir = tmp_path / "run"
-    rows = _train(demo_shards, workdir, quick_compile=False)
+    rows = _train(pretraining_shards, workdir, quick_compile=False)
     first, last = rows[:3], rows[-3:]
     ln_k = _ln_k()
     entropy = _mean(last, "diagnostics/target_entropy")
