@@ -306,7 +306,7 @@ def meta_key_paths(config: ViTConfig) -> dict[str, tuple]:
 def head_key_paths(config: HeadConfig) -> dict[str, tuple]:
     """Every key of a DINOv3 ``DINOHead`` state dict (no weight norm) -> its Flax state path."""
     paths = {}
-    for i in range(config.nlayers):
+    for i in range(config.nlayers):  # Linear at even indices, GELU between (no BatchNorm)
         paths[f"mlp.{2 * i}.weight"] = ("mlp", i, "kernel")
         if config.mlp_bias:
             paths[f"mlp.{2 * i}.bias"] = ("mlp", i, "bias")
@@ -507,15 +507,6 @@ def _head_last_weight(state: Mapping[str, np.ndarray]) -> np.ndarray:
     raise CheckpointError(f"head state dict has no last_layer weight: {_listing(sorted(state))}")
 
 
-def _head_keys(config: HeadConfig) -> list[str]:
-    keys = []
-    for i in range(config.nlayers):  # Linear at even indices, GELU between (no BatchNorm)
-        keys.append(f"mlp.{2 * i}.weight")
-        if config.mlp_bias:
-            keys.append(f"mlp.{2 * i}.bias")
-    return keys
-
-
 def torch_to_head(state: Mapping[str, np.ndarray], config: HeadConfig | None = None) -> DINOHead:
     """Build a DINOHead from a DINOv3/DINOv2 head state dict (weight norm requires g == 1)."""
     state = dict(state)
@@ -524,7 +515,7 @@ def torch_to_head(state: Mapping[str, np.ndarray], config: HeadConfig | None = N
         state["last_layer.weight_v"] = state.pop("last_layer.parametrizations.weight.original1")
     config = config or infer_head_config(state)
     last_keys = ["last_layer.weight_g", "last_layer.weight_v"] if config.weight_norm else ["last_layer.weight"]
-    expected = _head_keys(config) + last_keys
+    expected = [k for k in head_key_paths(config) if not k.startswith("last_layer.")] + last_keys
     unknown, missing = sorted(set(state) - set(expected)), sorted(set(expected) - set(state))
     if unknown or missing:
         raise CheckpointError(f"head state dict: unknown keys {_listing(unknown)}, missing keys {_listing(missing)}")
