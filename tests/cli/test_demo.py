@@ -338,6 +338,7 @@ def test_readme_python_usage_and_torch_export_run_on_the_demo_outputs(demo, monk
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # pyproject's 900 s is for the default run
 def test_full_demo_pretrained_beats_both_random_controls(tmp_path):
     """The default demo, as README runs it: pretraining must have taught the teacher something."""
     from braindino_jax.cli.demo_report import read_verdicts

@@ -86,6 +86,7 @@ def test_targets_leave_the_uniform_bound_within_the_first_steps(demo_shards, tmp
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # pyproject's 900 s is for the default run
 def test_debug_cpu_learns_and_beats_random_controls_on_a_knn_lesion_probe(pretraining_shards, tmp_path):
     workdir = tmp_path / "run"
     rows = _train(pretraining_shards, workdir, quick_compile=False)
