@@ -85,7 +85,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.features = ml_collections.ConfigDict(dict(
         token="cls",  # cls | patch_mean | cls+patch_mean (concatenated)
         pooling="mean",  # over a volume's slices: mean | max | attention (learned with the head)
-        modalities="average",  # several image columns: average | concat
+        modalities="average",  # several image columns: average | concat (segmentation: per patch)
     ))
     c.heads = ("mlp",)
     c.train = ml_collections.ConfigDict(dict(
@@ -212,8 +212,6 @@ def validate(config: ml_collections.ConfigDict, need_task: bool = True) -> None:
         _fail("task.image_columns", f"columns repeat: {tuple(t.image_columns)}")
     _strings(t.class_names, "task.class_names", allow_empty=True)
     if t.type == "segmentation":
-        if len(t.image_columns) != 1:
-            _fail("task.image_columns", "segmentation takes one image column")
         values = tuple(t.label_values)
         if values and (len(values) < 2 or len(set(values)) != len(values)
                        or not all(isinstance(v, int) and not isinstance(v, bool) for v in values)):

@@ -119,6 +119,10 @@ def run_probe(config: ml_collections.ConfigDict) -> dict[str, Any]:
                                       workers=config.extract.workers, progress=config.extract.progress)
         failures.update({job.path: reason for job, reason in extraction.failures.items()})
         valid = [i for i, jobs in enumerate(jobs_by_row) if all(j in extraction.features for j in jobs)]
+        if task.type == "segmentation":
+            misaligned = _misaligned(task, valid, jobs_by_row, extraction)
+            failures.update(misaligned)
+            valid = [i for i in valid if not any(j.path in misaligned for j in jobs_by_row[i])]
         _check_failures(task, valid, failures, config.protocol.max_failure_fraction)
         fit_start = time.perf_counter()
         sweep = _segmentation_sweeps if task.type == "segmentation" else _head_sweeps
@@ -276,14 +280,17 @@ def _segmentation_sweeps(config, task, task_config, splits, valid, jobs_by_row, 
                               f"hold {n_classes} label values {label_values}; set config.task.label_values")
     volumes = []
     for i in valid:
-        arrays = extraction.features[jobs_by_row[i][0]]
+        per_modality = [extraction.features[j] for j in jobs_by_row[i]]
+        arrays = per_modality[0]
         where = f"{task.csv} line {task.rows[i].line}, column {task_config.mask_column!r}"
         try:
             classes = class_indices(arrays["labels"], label_values, where)
         except ValueError as err:
             raise ProbeInputError(str(err)) from err
         distinct = distinct_slices(arrays["slice_indices"])
-        volumes.append(SegmentationVolume(stack_blocks(arrays, layers)[distinct], classes[distinct]))
+        patches = fuse_modalities(np.stack([stack_blocks(a, layers) for a in per_modality], axis=-2),
+                                  config.features.modalities)
+        volumes.append(SegmentationVolume(patches[distinct], classes[distinct]))
     row_split, subjects, train_subjects = _row_splits(task, splits, valid)
     s = config.segmentation
     records, runs = [], []
@@ -317,6 +324,23 @@ def _segmentation_sweeps(config, task, task_config, splits, valid, jobs_by_row, 
                     _segmentation_figure(config, task, valid[te[0]], pick(te)[0], predictions[0], class_names,
                                          encoder, head, out_dir)
     return records, runs
+
+
+def _misaligned(task: Task, valid: list[int], jobs_by_row, extraction: Extraction) -> dict[str, str]:
+    """Rows whose image columns disagree, as failures (path -> reason). Segmentation fuses the
+    columns patch by patch, so each must keep the same slices, framed alike: co-registered series
+    with one brain mask, which the label map framed with each column shows."""
+    out = {}
+    for i in valid:
+        first, *others = [extraction.features[j] for j in jobs_by_row[i]]
+        for column, job, arrays in zip(task.image_columns[1:], jobs_by_row[i][1:], others):
+            if (not np.array_equal(arrays["slice_indices"], first["slice_indices"])
+                    or not np.array_equal(arrays["labels"], first["labels"])):
+                out[job.path] = (f"{task.csv} line {task.rows[i].line}: column {column!r} ({job.path}) is not "
+                                 f"aligned with {task.image_columns[0]!r} (other slices kept, or another "
+                                 "foreground frame); segmentation with several image columns needs "
+                                 "co-registered series with the same brain mask")
+    return out
 
 
 def _figure_dir(out_dir: Path, encoder: Encoder) -> Path:

@@ -54,9 +54,10 @@ def get_config(arg: str | None = None):
     c.visualize.n_volumes = 2
     c.visualize.n_slices = 3
     if task == "segmentation":
-        c.task.image_columns = ("t1",)
         c.heads = ("linear", "transposed_conv")
-        c.segmentation.layers = (-3, -1)  # any encoder of depth >= 3
+        # T1w and FLAIR fused per patch (the lesions are FLAIR-bright), from every block of the
+        # 4-block debug encoder: 4 spread blocks, as (2, 5, 8, 11) are of a 12-block one.
+        c.segmentation.layers = (0, 1, 2, 3)
         # 150 steps at 1e-3 left the decoders underfitted (the transposed-conv decoder scored
         # below the linear one, and no encoder's lesion Dice left 0): 1000 at 3e-3 converge.
         c.segmentation.steps = 1000

@@ -141,6 +141,53 @@ def test_segmentation_end_to_end(tmp_path, phantom_csv, cache_dir, small_config,
     assert next((tmp_path / "figures").iterdir()).joinpath("segmentation_linear.png").stat().st_size > 0
 
 
+def test_segmentation_fuses_image_columns_and_leaves_out_a_misaligned_row(tmp_path, phantom_csv, cache_dir,
+                                                                         small_config, monkeypatch):
+    """T1 and FLAIR patch maps are concatenated per patch; a FLAIR whose brain differs (its top
+    half cut away: other slices kept) is a failure of that row, and the run goes on."""
+    import nibabel as nib
+
+    from braindino_jax.probes import protocol
+
+    with open(phantom_csv) as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        for column in ("t1", "flair", "mask_path"):
+            row[column] = str(phantom_csv.parent / row[column])
+    source = nib.load(rows[1]["flair"])
+    data = np.asarray(source.dataobj).copy()
+    data[:, :, data.shape[2] // 2:] = 0
+    data[:, data.shape[1] // 2:, :] = 0
+    cut = tmp_path / "cut_FLAIR.nii.gz"
+    nib.save(nib.Nifti1Image(data, source.affine, source.header), cut)
+    rows[1]["flair"] = str(cut)
+    task_csv = tmp_path / "task.csv"
+    with open(task_csv, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+    config = small_config(tmp_path / "run", task_csv, cache_dir, "segmentation", label_values=(0, 1, 2, 3, 4))
+    config.task.image_columns = ("t1", "flair")
+    config.features.modalities = "concat"
+    config.segmentation.layers = (0, 1)
+    config.segmentation.steps = 10
+    config.segmentation.eval_every = 10
+    widths, train_decoder = [], protocol.train_decoder
+
+    def recording(kind, train, val, n_classes, settings):
+        widths.append(train[0].features.shape[-1])
+        return train_decoder(kind, train, val, n_classes, settings)
+
+    monkeypatch.setattr(protocol, "train_decoder", recording)
+    summary = run_probe(config)
+    assert widths == [2 * 2 * 64]  # columns x blocks x embed_dim
+    assert [f["path"] for f in summary["failures"]] == [str(cut)]
+    assert "column 'flair'" in summary["failures"][0]["reason"] and "not aligned" in summary["failures"][0]["reason"]
+    run = summary["runs"][0]
+    assert run["train_volumes"] + run["val_volumes"] + run["test_volumes"] == 11
+
+
 def test_cli_runs_a_config_file_with_overrides(tmp_path, phantom_csv, cache_dir, capsys, tiny_arch):
     config_file = tmp_path / "probe.py"
     config_file.write_text(
