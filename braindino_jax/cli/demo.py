@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import shutil
 import sys
@@ -141,7 +142,8 @@ def _stages(layout: Layout, args: argparse.Namespace) -> list[Stage]:
 
     def probe_stage(task: str) -> Stage:
         argv = probe_argv(configs, layout, task, args.tiny)
-        return Stage(f"probe-{task}", f"braindino-probe: {task}, frozen teacher vs random inits", argv,
+        return Stage(f"probe-{task}", f"braindino-probe: {task}, frozen teacher vs random inits",
+                     [*argv, file_digest(configs / "probes" / "demo.py")],
                      lambda: _command("braindino-probe", probe.main, argv), [layout.probe_dir(task)])
 
     return [
@@ -151,10 +153,15 @@ def _stages(layout: Layout, args: argparse.Namespace) -> list[Stage]:
               lambda: _command("braindino-prep", prep.main, prep_argv()), [layout.shards]),
         Stage("preview", "braindino-preview: what the model sees", preview_argv,
               lambda: _command("braindino-preview", preview.main, preview_argv), [layout.preview.parent]),
-        Stage("train", "braindino-train: pretrain debug_cpu", train_argv,
+        Stage("train", "braindino-train: pretrain debug_cpu", [*train_argv, file_digest(Path(train_config))],
               lambda: _command("braindino-train", train.main, train_argv + max_steps), [layout.train], max_steps),
         *(probe_stage(task) for task in PROBE_TASKS),
     ]
+
+
+def file_digest(path: Path) -> str:
+    """A config file's sha256, part of its stage's settings: an edited config redoes the stage."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def probe_argv(configs: Path, layout: Layout, task: str, tiny: bool) -> list[str]:

@@ -213,6 +213,33 @@ def test_rerun_reuses_every_finished_stage(demo):
     assert report.stat().st_mtime_ns > before  # the report is always rewritten
 
 
+def test_an_edited_config_file_redoes_its_stages(tmp_path, monkeypatch):
+    """Stage settings hold the config files' contents, so a changed (e.g. pulled) demo config
+    is not answered with results made under the old one."""
+    import argparse
+    import shutil
+
+    from braindino_jax.cli import demo
+
+    configs = tmp_path / "configs"
+    shutil.copytree(demo.configs_dir(), configs)
+    monkeypatch.setattr(demo, "configs_dir", lambda: configs)
+    args = argparse.Namespace(tiny=True, steps=None)
+
+    def settings():
+        return {stage.name: stage.settings for stage in demo._stages(demo.Layout(tmp_path / "out"), args)}
+
+    before = settings()
+    with open(configs / "probes" / "demo.py", "a") as f:
+        f.write("# edited\n")
+    after = settings()
+    changed = sorted(name for name in before if before[name] != after[name])
+    assert changed == ["probe-classification", "probe-regression", "probe-segmentation"]
+    with open(configs / "debug_cpu.py", "a") as f:
+        f.write("# edited\n")
+    assert sorted(n for n in after if after[n] != settings()[n]) == ["train"]
+
+
 def test_stage_markers_reuse_resume_and_redo(tmp_path):
     from braindino_jax.cli.demo import Layout, Stage, run_stages
 
